@@ -1,0 +1,39 @@
+"""Hardware profiles: what the machine can do, in bytes/s, FLOP/s and seconds per call.
+
+`current_profile()` returns the calibrated profile of this machine (measured once, stored under the
+cache dir as JSON, re-measured when missing or from another machine).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    copy_bandwidth: float          # bytes/s, (bytes read + bytes written) / s of a large copy (DRAM)
+    cache_bandwidth: float         # bytes/s when the working set fits in the last-level cache
+    llc_bytes: int                 # last-level cache size
+    gemm_flops: dict               # dtype name ("float32", "bfloat16", "int8") -> FLOP/s of a large GEMM
+    vector_flops: float            # FLOP/s of vectorised fp32 pointwise arithmetic (all cores)
+    transcendental_rate: float     # exp/erf/tanh evaluations per second (all cores, vectorised)
+    kernel_overhead: float         # s per generated-kernel call from Python
+    aten_overhead: float           # s per ATen op call from Python
+    page_fault_bandwidth: float    # bytes/s of first-touching freshly mmapped memory (0 = not modelled)
+    # --- optional fields (defaults keep older JSON and hand-written profiles valid) ---
+    transcendental_rates: dict = field(default_factory=dict)  # "exp"/"tanh"/"erf" -> evaluations/s
+    fresh_write_bandwidth: float = 0.0  # bytes/s writing a freshly allocated large tensor (page faults incl.)
+    mmap_threshold: int = 32 << 20      # bytes; allocations at least this big are mmapped fresh every call
+    launch_overhead: float = 0.0        # s per device kernel launch (GPU profiles; 0 on CPU)
+    measured: bool = True               # False: datasheet numbers, not measured on this machine
+    source: str = ""                    # "calibrated <date>" or "datasheet: <where from>"
+    key: str = ""                       # machine key the profile was measured for
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def current_profile(cache_dir: str | None = None) -> HardwareProfile:
+    from costmodel.calibrate import load_or_calibrate
+
+    return load_or_calibrate(cache_dir)

@@ -1,0 +1,37 @@
+"""fusion: equality-saturation operator fusion for PyTorch.
+
+    torch.compile(model, backend="fusion")                # as a torch.compile backend
+    opt = fusion.optimize(model, example_inputs)          # standalone, inspectable
+    print(opt.explain()); opt.report()
+"""
+from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.analysis import Analysis, analyze
+from fusion.api import OptimizedModule, optimize
+from fusion.backend import fusion_backend, register as _register_backend
+from fusion.config import Config, ConfigError
+from fusion.errors import FusionError, FusionFallbackWarning, FusionInputError
+
+__all__ = [
+    "Analysis",
+    "Config",
+    "ConfigError",
+    "FusionError",
+    "FusionFallbackWarning",
+    "FusionInputError",
+    "OptimizedModule",
+    "analyze",
+    "explain_last",
+    "fusion_backend",
+    "optimize",
+]
+__version__ = "0.1.0"
+
+_register_backend()
+
+
+def explain_last(n: int = 1) -> str:
+    """explain() of the last `n` graphs compiled in this process (e.g. by torch.compile(backend="fusion"))."""
+    from fusion.pipeline import RECENT
+    from fusion.reporting import explain_text
+
+    return "\n".join(explain_text("torch.compile", c) for c in RECENT[-n:])

@@ -1,0 +1,48 @@
+"""`torch.compile(model, backend="fusion")`: Dynamo captures, AOTAutograd splits forward and backward
+into ATen graphs, and each graph goes through `pipeline.compile_graph`.
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml) and, as a safety net for
+un-installed checkouts, by `import fusion`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+import torch.fx as fx
+
+from fusion.config import Config
+
+
+def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Config | None = None,
+                   **_ignored: Any) -> Any:
+    """A Dynamo backend. `options` are `fusion.Config` fields, e.g. `options={"approximate": {"bf16"}}`."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fusion.pipeline import compile_graph
+
+    config = Config.from_options(options)
+
+    def compiler(label: str):
+        def compile_fn(graph: fx.GraphModule, inputs: list[Any]) -> Any:
+            return make_boxed_func(compile_graph(graph, config, label=label))
+
+        return compile_fn
+
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+def register() -> None:
+    """Make backend="fusion" work even when the package is not installed (entry points missing)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "fusion" not in _COMPILER_FNS:
+        register_backend(name="fusion")(fusion_backend)
+
+

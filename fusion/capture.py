@@ -1,0 +1,151 @@
+"""Capture: a model and its example inputs become an ATen-level FX graph in the fusion dialect.
+
+`capture_module` is what `fusion.optimize` uses (torch.export + core-ATen decompositions, parameters
+and buffers lifted to placeholders and bound by name at run time). Inside `torch.compile` the graph
+comes from AOTAutograd instead (see backend.py); both go through `normalize`.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.errors import FusionInputError
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Captured:
+    """An exported program split into what the compiler sees and how to call it."""
+
+    gm: fx.GraphModule                  # lifted graph: placeholders = [weights/buffers/constants..., user inputs...]
+    program: ExportedProgram
+    input_bindings: list[tuple[str, str]]   # per placeholder: (kind, name) kind in {"param","buffer","constant","user"}
+    buffer_mutations: dict[int, str] = field(default_factory=dict)  # output index -> buffer FQN it updates
+    num_user_outputs: int = 0
+
+
+def check_inputs(model: Any, example_inputs: Any) -> tuple[Any, ...]:
+    """Validate what the user passed to optimize/analyze; return the inputs as a tuple."""
+    if not isinstance(model, torch.nn.Module):
+        if callable(model):
+            raise FusionInputError(
+                f"fusion.optimize expects a torch.nn.Module, got the function {getattr(model, '__name__', model)!r}; "
+                "wrap it (class M(torch.nn.Module): def forward(self, *a): return fn(*a)) or use "
+                "torch.compile(fn, backend='fusion')"
+            )
+        raise FusionInputError(f"fusion.optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise FusionInputError(
+            "example_inputs must be a tuple (or list) of the positional arguments of model.forward, "
+            f"got {type(example_inputs).__name__}"
+        )
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+        sig.bind(*example_inputs)
+    except TypeError as e:
+        params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p.name for p in params if p.default is p.empty]
+        raise FusionInputError(
+            f"{type(model).__name__}.forward{sig} cannot take the {len(example_inputs)} example input(s) given "
+            f"({e}); pass a tuple with one entry per argument (required: {required})"
+        ) from None
+    except ValueError:
+        pass  # no signature available (builtin); let export decide
+    return example_inputs
+
+
+def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Captured:
+    """torch.export the model (non-strict), decompose to core ATen, and lift weights to named placeholders."""
+    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    ep = ep.run_decompositions()
+    gm = ep.graph_module
+    kinds = {
+        InputKind.PARAMETER: "param",
+        InputKind.BUFFER: "buffer",
+        InputKind.CONSTANT_TENSOR: "constant",
+        InputKind.USER_INPUT: "user",
+        InputKind.CUSTOM_OBJ: "constant",
+        InputKind.TOKEN: "token",
+    }
+    bindings = []
+    for spec in ep.graph_signature.input_specs:
+        kind = kinds[spec.kind]
+        if kind == "token":
+            raise NotImplementedError("graphs with effect tokens are not supported")
+        bindings.append((kind, spec.target if kind != "user" else spec.arg.name))
+    mutations = {}
+    n_user = 0
+    for i, spec in enumerate(ep.graph_signature.output_specs):
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            mutations[i] = spec.target
+        elif spec.kind == OutputKind.USER_OUTPUT:
+            n_user += 1
+        else:
+            raise NotImplementedError(f"output kind {spec.kind} is not supported")
+    gm = normalize(gm)
+    return Captured(gm, ep, bindings, mutations, n_user)
+
+
+# ----------------------------------------------------------------------------------------------
+# normalize: ATen graph -> fusion dialect
+
+
+def _only_first_output_used(node: fx.Node) -> bool:
+    return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+
+
+def _last_dim_only(normalized_shape: Any, val: Any) -> bool:
+    return isinstance(normalized_shape, (list, tuple)) and len(normalized_shape) == 1 and val is not None and len(val.shape) >= 1
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Bring an ATen graph into the fusion dialect, in place:
+
+    - `native_layer_norm(x, [N], w, b, eps)[0]` over the last dim, with mean/rstd unused → `fusion.layer_norm`
+      (in training graphs mean/rstd feed the backward, so the ATen op stays);
+    - `aten.alias` / no-op `aten.clone` of a contiguous value → the value itself (functional graph, no aliasing observable);
+    - dead code is removed.
+    """
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.native_layer_norm.default and _only_first_output_used(node):
+            x, shape, w, b, eps = node.args
+            xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if not _last_dim_only(shape, xv):
+                continue
+            with g.inserting_before(node):
+                ln = g.create_node(
+                    "call_function", torch.ops.fusion.layer_norm.default, (x, w, b, float(eps)), name="layer_norm"
+                )
+            for user in list(node.users):
+                user.replace_all_uses_with(ln)
+                ln.meta = dict(user.meta)
+                g.erase_node(user)
+            g.erase_node(node)
+        elif node.target is aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            g.erase_node(node)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def example_value(node: fx.Node) -> Any:
+    return node.meta.get("val")

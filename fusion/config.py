@@ -1,0 +1,109 @@
+"""`fusion.Config`: every knob of the optimizer, passed explicitly (never read from module globals)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+APPROXIMATIONS = frozenset({"int8", "bf16", "relu_attention"})
+
+
+class ConfigError(ValueError):
+    """A `fusion.Config` (or an option dict) that cannot be used, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options for `fusion.optimize` and `torch.compile(backend="fusion", options=...)`.
+
+    approximate:   opt-in approximate rewrites, a subset of {"int8", "bf16", "relu_attention"}.
+                   Exact mode (the default, empty set) never changes results beyond fp32 rounding.
+    tolerance:     largest relative error the approximate program may show on the example inputs.
+    max_iterations / max_enodes / time_limit_s:  equality-saturation limits; hitting one keeps the
+                   best graph found so far (never an error).
+    extract_time_limit_s: time limit of the ILP extraction (greedy result used past it).
+    rewrites:      run the e-graph stage at all (False: schedule and codegen the captured graph as is).
+    disable_rules: rule families to switch off by name, e.g. {"softmax"} (ablations).
+    codegen:       "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "aten" (no generated kernels).
+    num_threads:   threads for generated CPU kernels; None = torch.get_num_threads() at call time.
+    cache_dir:     where compiled kernels and profiles live; None = $FUSION_CACHE_DIR or ~/.cache/fusion.
+    fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
+    verbose:       print each pass and its timing.
+    """
+
+    approximate: frozenset[str] = frozenset()
+    tolerance: float = 1e-2
+    max_iterations: int = 12
+    max_enodes: int = 200_000
+    time_limit_s: float = 5.0
+    extract_time_limit_s: float = 2.0
+    rewrites: bool = True
+    disable_rules: frozenset[str] = frozenset()
+    codegen: str = "auto"
+    num_threads: int | None = None
+    cache_dir: str | None = None
+    fallback: bool = True
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        approx = self.approximate
+        if isinstance(approx, str):
+            approx = {approx}
+        if not isinstance(approx, (set, frozenset, list, tuple)):
+            raise ConfigError(
+                f"Config.approximate must be a set of names from {sorted(APPROXIMATIONS)}, "
+                f"got {type(approx).__name__}"
+            )
+        unknown = set(approx) - APPROXIMATIONS
+        if unknown:
+            raise ConfigError(
+                f"unknown approximate rewrite(s) {sorted(unknown)}; choose from {sorted(APPROXIMATIONS)}"
+            )
+        object.__setattr__(self, "approximate", frozenset(approx))
+        object.__setattr__(self, "disable_rules", frozenset(self.disable_rules))
+        if not isinstance(self.tolerance, (int, float)) or not (0.0 < float(self.tolerance) < 1.0):
+            raise ConfigError(f"Config.tolerance must be a number in (0, 1), got {self.tolerance!r}")
+        for name in ("max_iterations", "max_enodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"Config.{name} must be a non-negative int, got {v!r}")
+        for name in ("time_limit_s", "extract_time_limit_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"Config.{name} must be a positive number of seconds, got {v!r}")
+        if self.codegen not in ("auto", "cpp", "triton", "aten"):
+            raise ConfigError(f"Config.codegen must be one of auto, cpp, triton, aten; got {self.codegen!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ConfigError(f"Config.num_threads must be a positive int or None, got {self.num_threads!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "Config" | None) -> "Config":
+        """Build a Config from `torch.compile(..., options={...})`; unknown keys are an error."""
+        if options is None:
+            return cls()
+        if isinstance(options, Config):
+            return options
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"options must be a dict of Config fields, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown fusion option(s) {sorted(unknown)}; valid options are {sorted(known)}"
+            )
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def key(self) -> str:
+        """A stable string for cache keys."""
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.name in ("verbose", "cache_dir", "fallback"):
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, frozenset):
+                v = sorted(v)
+            parts.append(f"{f.name}={v!r}")
+        return ";".join(parts)

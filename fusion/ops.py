@@ -1,0 +1,60 @@
+"""The fused-op vocabulary shared by the rewriter, the scheduler and the code generators.
+
+Rewrites produce these ops; the scheduler lowers them into kernels; if a fused op is not lowered
+(unsupported dtype, no compiler, an ATen-only config) it still runs, through its eager reference
+below, so a rewritten graph is always executable.
+
+Ops that ATen already has are used as they are:
+    softmax(x, dim)          -> aten._softmax.default(x, dim, False)
+    log_softmax(x, dim)      -> aten._log_softmax.default(x, dim, False)
+    gelu(x) / gelu_tanh(x)   -> aten.gelu.default(x) / aten.gelu.default(x, approximate="tanh")
+    silu(x)                  -> aten.silu.default(x)
+Ops ATen lacks in a single-output functional form are defined here, in the `fusion` namespace:
+    fusion.layer_norm(x, weight?, bias?, eps)  normalises over the last dim only
+    fusion.rms_norm(x, weight?, eps)           x * rsqrt(mean(x*x, -1) + eps) * weight
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("fusion::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dim (biased variance)."""
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fusion::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """x * rsqrt(mean(x*x, -1, keepdim) + eps) [* weight], computed in x's dtype."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+@rms_norm.register_fake
+def _(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    if weight is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    shape = torch.broadcast_shapes(x.shape, weight.shape)
+    return x.new_empty(shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+#: FX targets that are "fused ops" (one kernel each, or part of one), with a short name for reports.
+FUSED_OPS: dict[object, str] = {
+    aten._softmax.default: "softmax",
+    aten._log_softmax.default: "log_softmax",
+    aten.gelu.default: "gelu",
+    aten.silu.default: "silu",
+    torch.ops.fusion.layer_norm.default: "layer_norm",
+    torch.ops.fusion.rms_norm.default: "rms_norm",
+}

@@ -1,0 +1,150 @@
+"""The compiler, top to bottom: one named pass after another, each a graph in and a graph out.
+
+    normalize  ATen graph            -> fusion dialect            (capture.normalize)
+    rewrite    fusion dialect        -> fusion dialect, fused ops (rewrites.rewrite: e-graph, saturate, extract)
+    lower      fusion dialect        -> kernels + ATen calls      (lower.lower_to_kernels: schedule, codegen, build)
+
+Every pass may fail on a graph we have never seen. Then the pass is skipped with ONE warning naming the
+stage and the error, and the program runs on what the previous pass produced (ultimately the original
+ATen graph), so an internal failure never changes results and never crashes the user's program.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from fusion.capture import normalize
+from fusion.config import Config
+from fusion.errors import warn_fallback
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class CompileLog:
+    """What happened to one graph: pass timings, rules fired, kernels made, fallbacks taken."""
+
+    label: str
+    num_nodes: int = 0
+    passes: list[PassRecord] = field(default_factory=list)
+    fired: dict[str, list[str]] = field(default_factory=dict)
+    rewrite_stats: dict = field(default_factory=dict)
+    kernels: list = field(default_factory=list)       # lower.KernelInfo
+    fallbacks: list[str] = field(default_factory=list)
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - any internal failure falls back, by design
+            dt = time.perf_counter() - t0
+            detail = f"{type(e).__name__}: {e}"
+            self.passes.append(PassRecord(name, dt, False, detail))
+            self.fallbacks.append(f"{name}: {detail}")
+            if not config.fallback:
+                raise
+            if config.verbose:
+                traceback.print_exc()
+            warn_fallback(name, detail.splitlines()[0][:300], what_runs=f"the {self.label} graph runs without it")
+            return fallback
+        self.passes.append(PassRecord(name, time.perf_counter() - t0, True))
+        if config.verbose:
+            print(f"[fusion] {self.label}: {name} {self.passes[-1].seconds * 1e3:.1f} ms")
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.passes)
+
+
+class CompiledGraph:
+    """The callable a compiled graph becomes: the lowered GraphModule plus what was done to it.
+
+    If the lowered program raises at run time (a case the lowering did not foresee), it warns once and
+    from then on runs the graph as it was before lowering.
+    """
+
+    _boxed_call = False
+
+    def __init__(self, gm: fx.GraphModule, fallback_gm: fx.GraphModule, log: CompileLog, config: Config):
+        self.gm = gm
+        self.fallback_gm = fallback_gm
+        self.log = log
+        self.config = config
+        self._failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self._failed:
+            try:
+                return self.gm(*args)
+            except Exception as e:  # noqa: BLE001
+                if self.gm is self.fallback_gm or not self.config.fallback:
+                    raise
+                self._failed = True
+                self.log.fallbacks.append(f"run: {type(e).__name__}: {e}")
+                warn_fallback("run", f"{type(e).__name__}: {e}"[:300], what_runs="the unfused graph runs from now on")
+        return self.fallback_gm(*args)
+
+    @property
+    def code(self) -> str:
+        return self.gm.code
+
+
+def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None) -> CompiledGraph:
+    """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels."""
+    log = CompileLog(label, num_nodes=len(gm.graph.nodes))
+    original = gm
+    hw = hw if hw is not None else hardware(config)
+
+    gm = log.run("normalize", normalize, gm, config=config, fallback=gm)
+
+    if config.rewrites:
+        from rewrites import rewrite
+
+        result = log.run("rewrite", rewrite, gm, config, hw, config=config, fallback=None)
+        if result is not None:
+            gm = result.gm
+            log.fired = result.fired
+            log.rewrite_stats = result.stats
+    rewritten = gm
+
+    if config.codegen != "aten":
+        from fusion.lower import lower_to_kernels
+
+        lowered = log.run("lower", lower_to_kernels, gm, config, hw, config=config, fallback=None)
+        if lowered is not None:
+            gm = lowered.gm
+            log.kernels = lowered.kernels
+
+    return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config))
+
+
+#: the most recent compile logs (newest last), for `fusion.explain_last()` after torch.compile.
+RECENT: list[CompiledGraph] = []
+
+
+def remember(compiled: CompiledGraph) -> CompiledGraph:
+    RECENT.append(compiled)
+    del RECENT[:-32]
+    return compiled
+
+
+def hardware(config: Config) -> Any:
+    """The hardware profile extraction and lowering cost things with (calibrated once per machine)."""
+    try:
+        from costmodel import current_profile
+
+        return current_profile(config.cache_dir)
+    except Exception as e:  # noqa: BLE001
+        warn_fallback("calibrate", f"{type(e).__name__}: {e}", what_runs="a default hardware profile is used")
+        return None

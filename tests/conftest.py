@@ -1,0 +1,25 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Every test run gets its own kernel cache unless one is given, so CI starts cold and runs are isolated.
+os.environ.setdefault("FUSION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fusion-test-cache-{os.getuid()}"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the relative error used everywhere in the project."""
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def assert_close():
+    def check(a, b, tol=1e-4):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        e = rel_err(a, b)
+        assert e <= tol, f"relative error {e:.3g} > {tol}"
+
+    return check
