@@ -9,6 +9,7 @@ from fusion.analysis import Analysis, analyze
 from fusion.api import OptimizedModule, optimize
 from fusion.backend import fusion_backend, register as _register_backend
 from fusion.config import Config, ConfigError
+from fusion.program import LoadedProgram, load
 from fusion.errors import FusionError, FusionFallbackWarning, FusionInputError
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "analyze",
     "explain_last",
     "fusion_backend",
+    "load",
+    "LoadedProgram",
     "optimize",
 ]
 __version__ = "0.1.0"

@@ -1,6 +1,12 @@
-"""`fusion.optimize`: capture a model, compile its graph, return a module that runs the fused program."""
+"""`fusion.optimize`: capture a model, compile its graph, return a module that runs the fused program.
+
+Capture first tries `torch.export` (one whole graph, weights lifted to placeholders bound by name). Models
+export cannot take (data-dependent Python, outputs of unregistered types such as HF caches) are captured
+by Dynamo instead — the same path as `torch.compile(backend="fusion")` — possibly as several graphs.
+"""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
@@ -12,7 +18,7 @@ from fusion.capture import Captured, capture_module, check_inputs
 from fusion.config import Config
 from fusion.errors import FusionInputError, warn_fallback
 from fusion.pipeline import CompiledGraph, compile_graph
-from fusion.reporting import explain_text, kernel_table, format_table
+from fusion.reporting import explain_text, format_table, kernel_table
 
 
 class OptimizedModule(torch.nn.Module):
@@ -22,16 +28,34 @@ class OptimizedModule(torch.nn.Module):
     in-place updates (load_state_dict, optimizer steps) are seen. `.code` prints the program.
     """
 
-    def __init__(self, model: torch.nn.Module, captured: Captured | None, compiled: CompiledGraph | None,
-                 config: Config, example_inputs: Sequence[Any], capture_seconds: float):
+    def __init__(self, model: torch.nn.Module, config: Config, example_inputs: Sequence[Any]):
         super().__init__()
         self.original = model  # registered: state_dict() and .to() reach the same weights
-        self._captured = captured
-        self._compiled = compiled
         self.config = config
+        self.capture_method = "none"
+        self.capture_note = ""
+        self.capture_seconds = 0.0
+        self.graphs: list[CompiledGraph] = []
         self._example_inputs = tuple(example_inputs)
-        self._capture_seconds = capture_seconds
-        self._accessors = [] if captured is None else [self._accessor(k, n) for k, n in captured.input_bindings]
+        self._captured: Captured | None = None
+        self._accessors: list[Any] = []
+        self._dynamo: Any = None
+
+    # -- construction ----------------------------------------------------------------------------
+    def _use_export(self, captured: Captured) -> None:
+        self.capture_method = "torch.export"
+        self._captured = captured
+        self._accessors = [self._accessor(k, n) for k, n in captured.input_bindings]
+        self.graphs = [compile_graph(captured.gm, self.config, label="forward")]
+
+    def _use_dynamo(self) -> None:
+        from fusion.backend import fusion_backend
+
+        self.capture_method = "dynamo"
+        backend = functools.partial(fusion_backend, options=self.config, on_compiled=self.graphs.append)
+        self._dynamo = torch.compile(self.original, backend=backend)
+        with torch.no_grad():
+            self._dynamo(*self._example_inputs)  # compiles now, not at the user's first call
 
     def _accessor(self, kind: str, name: str) -> Any:
         if kind == "user":
@@ -43,17 +67,21 @@ class OptimizedModule(torch.nn.Module):
         owner = self.original.get_submodule(owner_path) if owner_path else self.original
         return lambda: getattr(owner, attr)
 
+    def _flat_args(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+        user = iter(pytree.tree_leaves((tuple(args), kwargs)))
+        return [next(user) if acc is None else acc() for acc in self._accessors]
+
     # -- running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._compiled is None:  # capture failed: the original model runs
-            return self.original(*args, **kwargs)
+        if self._dynamo is not None:
+            with torch.no_grad():
+                return self._dynamo(*args, **kwargs)
         cap = self._captured
-        user = iter(pytree.tree_leaves((args, kwargs)))
-        flat = []
-        for acc in self._accessors:
-            flat.append(next(user) if acc is None else acc())
+        if cap is None:  # nothing could be captured: the original model runs
+            return self.original(*args, **kwargs)
+        flat = self._flat_args(args, kwargs)
         with torch.no_grad():
-            outs = self._compiled(*flat)
+            outs = self.graphs[0](*flat)
         if cap.buffer_mutations:
             for i, target in cap.buffer_mutations.items():
                 self._accessor("buffer", target)().copy_(outs[i])
@@ -63,39 +91,57 @@ class OptimizedModule(torch.nn.Module):
     # -- inspection ------------------------------------------------------------------------------
     @property
     def code(self) -> str:
-        """The optimized program as Python (fused-kernel calls and ATen calls)."""
-        return self._compiled.code if self._compiled is not None else "# capture failed: the original module runs\n"
+        """The optimized program as Python (fused-kernel calls and ATen calls), one block per graph."""
+        if not self.graphs:
+            return "# nothing was captured: the original module runs\n"
+        return "\n".join(g.code for g in self.graphs)
 
     @property
     def graph_module(self) -> fx.GraphModule | None:
-        return None if self._compiled is None else self._compiled.gm
-
-    @property
-    def compile_log(self):
-        return None if self._compiled is None else self._compiled.log
+        return self.graphs[0].gm if self.graphs else None
 
     def explain(self) -> str:
-        """What the optimizer did: passes and their time, rules fired where, kernels made, fallbacks."""
-        if self._compiled is None:
-            return "fusion: capture failed, so the original module runs unchanged.\n"
-        return explain_text(type(self.original).__name__, self._compiled, self._capture_seconds)
+        """What the optimizer did: capture, passes and their time, rules fired where, kernels made, fallbacks."""
+        name = type(self.original).__name__
+        head = f"capture: {self.capture_method} ({self.capture_seconds:.2f} s){self.capture_note}\n"
+        if not self.graphs:
+            return head + "fusion: nothing was captured, so the original module runs unchanged.\n"
+        return head + "\n".join(explain_text(name, g) for g in self.graphs)
+
+    def save(self, path: str) -> Any:
+        """Write the program (readable JSON + Python), and the weights as safetensors, to directory `path`."""
+        from fusion.program import save_program
+
+        return save_program(self, path)
 
     def report(self, *, measure: bool = True, print_table: bool = True) -> list[dict]:
-        """Per kernel: FLOPs, bytes, arithmetic intensity, predicted and measured time, achieved bandwidth.
+        """Per kernel: FLOPs, bytes, arithmetic intensity, predicted and measured time, achieved bandwidth, MBU.
 
-        Measured times come from running the program on the example inputs (a few repetitions).
+        Measured times come from running the program on the example inputs (a few repetitions; export
+        capture only — with Dynamo capture the graph inputs are not known here, so only predictions).
         Returns the rows; prints them as a table unless print_table=False.
         """
-        if self._compiled is None:
-            return []
-        inputs = None
-        if measure:
-            user = iter(pytree.tree_leaves((self._example_inputs, {})))
-            inputs = [next(user) if acc is None else acc() for acc in self._accessors]
-        rows = kernel_table(self._compiled, inputs)
+        rows: list[dict] = []
+        for g in self.graphs:
+            inputs = None
+            if measure and self._captured is not None:
+                inputs = self._flat_args(self._example_inputs, {})
+            rows += kernel_table(g, inputs)
         if print_table:
             print(format_table(rows))
         return rows
+
+
+def _as_config(config: Any, options: dict) -> Config:
+    if config is None:
+        return Config.from_options(options)
+    if options:
+        raise FusionInputError("pass either config=fusion.Config(...) or keyword options, not both")
+    if isinstance(config, dict):
+        return Config.from_options(config)
+    if not isinstance(config, Config):
+        raise FusionInputError(f"config must be a fusion.Config, got {type(config).__name__}")
+    return config
 
 
 def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, **options: Any) -> OptimizedModule:
@@ -105,26 +151,25 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     >>> opt(x)                      # runs fused kernels
     >>> print(opt.explain())        # rules fired, kernels made, predicted vs measured cost
     """
-    if config is None:
-        config = Config.from_options(options)
-    elif options:
-        raise FusionInputError("pass either config=fusion.Config(...) or keyword options, not both")
-    elif not isinstance(config, Config):
-        if isinstance(config, dict):
-            config = Config.from_options(config)
-        else:
-            raise FusionInputError(f"config must be a fusion.Config, got {type(config).__name__}")
+    config = _as_config(config, options)
     example_inputs = check_inputs(model, example_inputs)
-
+    opt = OptimizedModule(model, config, example_inputs)
     t0 = time.perf_counter()
     try:
         captured = capture_module(model, example_inputs)
-    except Exception as e:  # noqa: BLE001 - an uncapturable model still runs, unoptimized
-        if not config.fallback:
-            raise
-        warn_fallback("capture", f"{type(e).__name__}: {e}".splitlines()[0][:300],
-                      what_runs="the original module runs unoptimized")
-        return OptimizedModule(model, None, None, config, example_inputs, time.perf_counter() - t0)
-    capture_seconds = time.perf_counter() - t0
-    compiled = compile_graph(captured.gm, config, label="forward")
-    return OptimizedModule(model, captured, compiled, config, example_inputs, capture_seconds)
+    except Exception as export_error:  # noqa: BLE001 - try the more permissive capture
+        opt.capture_note = f"; torch.export failed ({type(export_error).__name__}: {str(export_error).splitlines()[0][:200]})"
+        try:
+            opt._use_dynamo()
+        except Exception as e:  # noqa: BLE001 - an uncapturable model still runs, unoptimized
+            if not config.fallback:
+                raise
+            opt._dynamo = None
+            opt.capture_method = "none"
+            warn_fallback("capture", f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                          what_runs="the original module runs unoptimized")
+        opt.capture_seconds = time.perf_counter() - t0
+        return opt
+    opt.capture_seconds = time.perf_counter() - t0
+    opt._use_export(captured)
+    return opt

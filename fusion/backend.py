@@ -6,7 +6,7 @@ un-installed checkouts, by `import fusion`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 import torch.fx as fx
@@ -15,8 +15,11 @@ from fusion.config import Config
 
 
 def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Config | None = None,
-                   **_ignored: Any) -> Any:
-    """A Dynamo backend. `options` are `fusion.Config` fields, e.g. `options={"approximate": {"bf16"}}`."""
+                   on_compiled: Callable[[Any], None] | None = None, **_ignored: Any) -> Any:
+    """A Dynamo backend. `options` are `fusion.Config` fields, e.g. `options={"approximate": {"bf16"}}`.
+
+    `on_compiled(compiled_graph)` is called for every graph compiled (fusion.optimize collects them).
+    """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -26,7 +29,10 @@ def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mappi
 
     def compiler(label: str):
         def compile_fn(graph: fx.GraphModule, inputs: list[Any]) -> Any:
-            return make_boxed_func(compile_graph(graph, config, label=label))
+            compiled = compile_graph(graph, config, label=label)
+            if on_compiled is not None:
+                on_compiled(compiled)
+            return make_boxed_func(compiled)
 
         return compile_fn
 

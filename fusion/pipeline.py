@@ -76,9 +76,11 @@ class CompiledGraph:
 
     _boxed_call = False
 
-    def __init__(self, gm: fx.GraphModule, fallback_gm: fx.GraphModule, log: CompileLog, config: Config):
+    def __init__(self, gm: fx.GraphModule, fallback_gm: fx.GraphModule, log: CompileLog, config: Config,
+                 program_gm: fx.GraphModule | None = None):
         self.gm = gm
         self.fallback_gm = fallback_gm
+        self.program_gm = program_gm if program_gm is not None else fallback_gm  # after rewriting, before lowering
         self.log = log
         self.config = config
         self._failed = False
@@ -109,9 +111,7 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
     gm = log.run("normalize", normalize, gm, config=config, fallback=gm)
 
     if config.rewrites:
-        from rewrites import rewrite
-
-        result = log.run("rewrite", rewrite, gm, config, hw, config=config, fallback=None)
+        result = log.run("rewrite", _rewrite, gm, config, hw, config=config, fallback=None)
         if result is not None:
             gm = result.gm
             log.fired = result.fired
@@ -119,14 +119,67 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
     rewritten = gm
 
     if config.codegen != "aten":
-        from fusion.lower import lower_to_kernels
-
-        lowered = log.run("lower", lower_to_kernels, gm, config, hw, config=config, fallback=None)
+        lowered = log.run("lower", _lower, gm, config, hw, config=config, fallback=None)
         if lowered is not None:
             gm = lowered.gm
             log.kernels = lowered.kernels
 
-    return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config))
+    return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config, rewritten))
+
+
+@dataclass
+class CachedRewrite:
+    gm: fx.GraphModule
+    fired: dict
+    stats: dict
+
+
+def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
+    """The e-graph stage, memoised on disk by graph structure + shapes + config + versions (never weights):
+    a second process optimizing the same architecture skips saturation and extraction."""
+    import rewrites  # imported here so that a broken or missing stage is a fallback, not an import error
+
+    from fusion import cache, serialize
+
+    try:
+        key = serialize.graph_key(gm, config.key(), cache.versions())
+    except TypeError:  # a graph we cannot serialise is simply not cached
+        return rewrites.rewrite(gm, config, hw)
+    path = cache.subdir("graphs", config.cache_dir) / f"{key}.json"
+    hit = cache.read_json(path)
+    if hit is not None:
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        try:
+            new = serialize.graph_from_dict(hit["graph"], vals)
+            return CachedRewrite(new, hit["fired"], {**hit["stats"], "cache": "hit"})
+        except Exception:  # noqa: BLE001 - a stale or unreadable entry is rebuilt
+            pass
+    result = rewrites.rewrite(gm, config, hw)
+    try:
+        payload = {"graph": serialize.graph_to_dict(result.gm), "fired": result.fired, "stats": _jsonable(result.stats)}
+        cache.write_json(path, payload)
+    except (TypeError, ValueError, OSError):
+        pass
+    return result
+
+
+def _jsonable(d: dict) -> dict:
+    import json
+
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except (TypeError, ValueError):
+            out[k] = str(v)
+    return out
+
+
+def _lower(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
+    from fusion import lower
+
+    return lower.lower_to_kernels(gm, config, hw)
 
 
 #: the most recent compile logs (newest last), for `fusion.explain_last()` after torch.compile.

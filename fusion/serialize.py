@@ -1,0 +1,170 @@
+"""Graphs as plain JSON-able data: for the compile cache, saved programs and weight-free reproducers.
+
+Only structure goes in: ops, argument structure, shapes, dtypes, strides. Never tensor data — weights
+are placeholders, referenced by name (seed 000).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+FORMAT_VERSION = 1
+
+
+def _target_name(target: Any) -> str:
+    if target is operator.getitem:
+        return "operator.getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}::{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        raise TypeError(f"unresolved op packet {target}")
+    if isinstance(target, str):
+        return target
+    mod = getattr(target, "__module__", "")
+    return f"py:{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+
+
+def _resolve_target(name: str) -> Any:
+    if name == "operator.getitem":
+        return operator.getitem
+    if name.startswith("py:"):
+        import importlib
+
+        path = name[3:]
+        mod, _, attr = path.rpartition(".")
+        obj: Any = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if "::" not in name:
+        return name
+    ns, rest = name.split("::", 1)
+    op, _, overload = rest.partition(".")
+    return getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+
+
+def _enc(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return {"n": a.name}
+    if isinstance(a, (list, tuple)):
+        return {"l" if isinstance(a, list) else "t": [_enc(x) for x in a]}
+    if isinstance(a, dict):
+        return {"d": {k: _enc(v) for k, v in a.items()}}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, float) and a != a:
+        return {"f": "nan"}
+    if isinstance(a, float) and a in (float("inf"), float("-inf")):
+        return {"f": "inf" if a > 0 else "-inf"}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    if isinstance(a, torch.SymInt | torch.SymFloat):
+        raise TypeError("symbolic scalar constants in node arguments are not serialisable")
+    raise TypeError(f"cannot serialise argument of type {type(a).__name__}")
+
+
+def _dec(a: Any, env: dict[str, fx.Node]) -> Any:
+    if isinstance(a, dict):
+        (k, v), = a.items()
+        if k == "n":
+            return env[v]
+        if k == "l":
+            return [_dec(x, env) for x in v]
+        if k == "t":
+            return tuple(_dec(x, env) for x in v)
+        if k == "d":
+            return {kk: _dec(vv, env) for kk, vv in v.items()}
+        if k == "dtype":
+            return getattr(torch, v)
+        if k == "device":
+            return torch.device(v)
+        if k in ("memory_format", "layout"):
+            return getattr(torch, v)
+        if k == "f":
+            return float(v)
+    return a
+
+
+def _meta(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return {"shape": [str(s) for s in val.shape], "dtype": str(val.dtype).removeprefix("torch."),
+                "stride": [str(s) for s in val.stride()]}
+    if isinstance(val, (list, tuple)):
+        return [_meta(v) for v in val]
+    if val is None:
+        return None
+    return {"scalar": str(val)}
+
+
+def graph_to_dict(gm: fx.GraphModule) -> dict:
+    """The graph as JSON-able data: one entry per node with op, target, args and the example meta."""
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            raise TypeError(f"get_attr node {n.name} (graph constants) is not serialisable")
+        nodes.append({
+            "name": n.name,
+            "op": n.op,
+            "target": _target_name(n.target),
+            "args": _enc(n.args),
+            "kwargs": _enc(n.kwargs),
+            "meta": None if n.op == "output" else _meta(n.meta.get("val")),
+        })
+    return {"format": FORMAT_VERSION, "nodes": nodes}
+
+
+def graph_from_dict(data: dict, placeholder_vals: list[Any] | None = None) -> fx.GraphModule:
+    """Rebuild a GraphModule; with the placeholders' example values (FakeTensors), meta["val"] is recomputed."""
+    if data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unsupported graph format {data.get('format')!r}")
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for d in data["nodes"]:
+        args, kwargs = _dec(d["args"], env), _dec(d["kwargs"], env)
+        if d["op"] == "placeholder":
+            node = g.placeholder(d["name"])
+        elif d["op"] == "output":
+            node = g.output(args[0])
+        else:
+            node = g.create_node(d["op"], _resolve_target(d["target"]), args, kwargs, name=d["name"])
+        env[d["name"]] = node
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    if placeholder_vals is not None:
+        propagate_meta(gm, placeholder_vals)
+    return gm
+
+
+def propagate_meta(gm: fx.GraphModule, placeholder_vals: list[Any]) -> None:
+    """Set meta["val"] on every node by running the graph on the placeholders' FakeTensors."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = detect_fake_mode(placeholder_vals)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, v in zip(placeholders, placeholder_vals):
+        n.meta["val"] = v
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_vals)
+
+
+def graph_key(gm: fx.GraphModule, *extra: str) -> str:
+    """A content hash of the graph's structure, shapes, dtypes and strides (never tensor data) plus `extra`."""
+    h = hashlib.sha256()
+    h.update(json.dumps(graph_to_dict(gm), sort_keys=True).encode())
+    for e in extra:
+        h.update(b"\0" + e.encode())
+    return h.hexdigest()
