@@ -1,4 +1,4 @@
-"""Command line: `python -m fusion demo | explain | calibrate`."""
+"""Command line: `python -m fusion demo | explain | analyze | repro | bench | calibrate`."""
 from __future__ import annotations
 
 import argparse
@@ -65,18 +65,89 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
-def explain(argv: list[str]) -> int:
-    import fusion
+def load_model(spec: str):
+    """A built-in workload name, or `package.module:factory` where factory() returns (model, example_inputs)."""
     from fusion.workloads import WORKLOADS
 
+    if spec in WORKLOADS:
+        make, inputs = WORKLOADS[spec]
+        return make().eval(), inputs()
+    if ":" not in spec:
+        raise SystemExit(f"unknown model {spec!r}: use one of {sorted(WORKLOADS)} or package.module:factory")
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    sys.path.insert(0, ".")
+    made = getattr(importlib.import_module(mod), fn)()
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise SystemExit(f"{spec}() must return (model, example_inputs)")
+    model, inputs = made
+    return model.eval(), inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def explain(argv: list[str]) -> int:
+    import fusion
+
     p = argparse.ArgumentParser(prog="python -m fusion explain")
-    p.add_argument("workload", choices=sorted(WORKLOADS))
+    p.add_argument("model", help="built-in workload (bert, llama) or package.module:factory")
     a = p.parse_args(argv)
-    make, inputs = WORKLOADS[a.workload]
-    opt = fusion.optimize(make().eval(), inputs())
+    model, inputs = load_model(a.model)
+    opt = fusion.optimize(model, inputs)
     print(opt.explain())
     opt.report()
     return 0
+
+
+def analyze(argv: list[str]) -> int:
+    import json
+
+    import fusion
+
+    p = argparse.ArgumentParser(prog="python -m fusion analyze")
+    p.add_argument("model", help="built-in workload (bert, llama) or package.module:factory")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--plot", help="write a roofline plot (PNG) here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    model, inputs = load_model(a.model)
+    an = fusion.analyze(model, inputs)
+    if a.json:
+        print(json.dumps({"totals": an.totals, "weight_bytes": an.weight_bytes,
+                          "peak_activation_bytes": an.peak_activation_bytes,
+                          "nodes": [s.__dict__ for s in an.nodes]}, indent=1, default=str))
+    else:
+        print(an.table(top=a.top))
+    if a.plot:
+        print("wrote", an.roofline_plot(a.plot, title=f"{a.model}: roofline"))
+    return 0
+
+
+def repro(argv: list[str]) -> int:
+    import fusion
+    from fusion import repro as rp
+
+    p = argparse.ArgumentParser(prog="python -m fusion repro")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dump", help="optimize a model and write its weight-free reproducer")
+    d.add_argument("model")
+    d.add_argument("path")
+    r = sub.add_parser("replay", help="replay a reproducer with random weights")
+    r.add_argument("path")
+    a = p.parse_args(argv)
+    if a.cmd == "dump":
+        model, inputs = load_model(a.model)
+        path = rp.dump(fusion.optimize(model, inputs), a.path)
+        print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KB)")
+        return 0
+    result = rp.replay(a.path)
+    print(result)
+    return 0 if result.same_decisions and result.max_rel_error <= 1e-4 else 1
+
+
+def bench(argv: list[str]) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(argv) or 0
 
 
 def calibrate(argv: list[str]) -> int:
@@ -85,7 +156,8 @@ def calibrate(argv: list[str]) -> int:
     return calibrate_main(argv) or 0
 
 
-COMMANDS = {"demo": demo, "explain": explain, "calibrate": calibrate}
+COMMANDS = {"demo": demo, "explain": explain, "analyze": analyze, "repro": repro, "bench": bench,
+            "calibrate": calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

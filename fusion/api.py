@@ -28,6 +28,8 @@ class OptimizedModule(torch.nn.Module):
     in-place updates (load_state_dict, optimizer steps) are seen. `.code` prints the program.
     """
 
+    MAX_SHAPE_VARIANTS = 8
+
     def __init__(self, model: torch.nn.Module, config: Config, example_inputs: Sequence[Any]):
         super().__init__()
         self.original = model  # registered: state_dict() and .to() reach the same weights
@@ -40,13 +42,21 @@ class OptimizedModule(torch.nn.Module):
         self._captured: Captured | None = None
         self._accessors: list[Any] = []
         self._dynamo: Any = None
+        # torch.export specialises the graph to the example shapes; other shapes get their own capture
+        # (kernels take sizes at run time, so recompiling them is a cache hit), at most MAX_SHAPE_VARIANTS.
+        self._variants: dict[tuple, tuple[Captured, list[Any], CompiledGraph]] = {}
 
     # -- construction ----------------------------------------------------------------------------
-    def _use_export(self, captured: Captured) -> None:
+    def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict) -> None:
         self.capture_method = "torch.export"
-        self._captured = captured
-        self._accessors = [self._accessor(k, n) for k, n in captured.input_bindings]
-        self.graphs = [compile_graph(captured.gm, self.config, label="forward")]
+        accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
+        graph = compile_graph(captured.gm, self.config, label="forward")
+        if not self._variants:
+            self._captured, self._accessors = captured, accessors
+            self.graphs = [graph]
+        if len(self._variants) >= self.MAX_SHAPE_VARIANTS:
+            self._variants.pop(next(iter(self._variants)))
+        self._variants[_signature(args, kwargs)] = (captured, accessors, graph)
 
     def _use_dynamo(self) -> None:
         from fusion.backend import fusion_backend
@@ -57,34 +67,44 @@ class OptimizedModule(torch.nn.Module):
         with torch.no_grad():
             self._dynamo(*self._example_inputs)  # compiles now, not at the user's first call
 
-    def _accessor(self, kind: str, name: str) -> Any:
+    def _accessor(self, captured: Captured, kind: str, name: str) -> Any:
         if kind == "user":
             return None
         if kind == "constant":
-            value = self._captured.program.constants[name]
+            value = captured.program.constants[name]
             return lambda: value
         owner_path, _, attr = name.rpartition(".")
         owner = self.original.get_submodule(owner_path) if owner_path else self.original
         return lambda: getattr(owner, attr)
 
-    def _flat_args(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+    @staticmethod
+    def _flat_args(accessors: list[Any], args: Sequence[Any], kwargs: dict) -> list[Any]:
         user = iter(pytree.tree_leaves((tuple(args), kwargs)))
-        return [next(user) if acc is None else acc() for acc in self._accessors]
+        return [next(user) if acc is None else acc() for acc in accessors]
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._dynamo is not None:
             with torch.no_grad():
                 return self._dynamo(*args, **kwargs)
-        cap = self._captured
-        if cap is None:  # nothing could be captured: the original model runs
+        if self._captured is None:  # nothing could be captured: the original model runs
             return self.original(*args, **kwargs)
-        flat = self._flat_args(args, kwargs)
+        variant = self._variants.get(_signature(args, kwargs))
+        if variant is None:
+            try:
+                self._use_export(capture_module(self.original, args), args, kwargs)
+            except Exception as e:  # noqa: BLE001
+                warn_fallback("capture", f"new input shapes: {type(e).__name__}: {e}".splitlines()[0][:300],
+                              what_runs="the original module runs for these inputs")
+                return self.original(*args, **kwargs)
+            variant = self._variants[_signature(args, kwargs)]
+        cap, accessors, graph = variant
+        flat = self._flat_args(accessors, args, kwargs)
         with torch.no_grad():
-            outs = self.graphs[0](*flat)
+            outs = graph(*flat)
         if cap.buffer_mutations:
             for i, target in cap.buffer_mutations.items():
-                self._accessor("buffer", target)().copy_(outs[i])
+                self._accessor(cap, "buffer", target)().copy_(outs[i])
             outs = [o for i, o in enumerate(outs) if i not in cap.buffer_mutations]
         return pytree.tree_unflatten(list(outs), cap.program.call_spec.out_spec)
 
@@ -125,7 +145,7 @@ class OptimizedModule(torch.nn.Module):
         for g in self.graphs:
             inputs = None
             if measure and self._captured is not None:
-                inputs = self._flat_args(self._example_inputs, {})
+                inputs = self._flat_args(self._accessors, self._example_inputs, {})
             rows += kernel_table(g, inputs)
         if print_table:
             print(format_table(rows))
@@ -171,5 +191,13 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         opt.capture_seconds = time.perf_counter() - t0
         return opt
     opt.capture_seconds = time.perf_counter() - t0
-    opt._use_export(captured)
+    opt._use_export(captured, example_inputs, {})
     return opt
+
+
+def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
+    """What a torch.export graph is specialised to: shapes, dtypes and devices of tensors, other values."""
+    return tuple(
+        (tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)[:64])
+        for x in pytree.tree_leaves((tuple(args), kwargs))
+    )

@@ -77,8 +77,9 @@ class CompiledGraph:
     _boxed_call = False
 
     def __init__(self, gm: fx.GraphModule, fallback_gm: fx.GraphModule, log: CompileLog, config: Config,
-                 program_gm: fx.GraphModule | None = None):
+                 program_gm: fx.GraphModule | None = None, source_gm: fx.GraphModule | None = None):
         self.gm = gm
+        self.source_gm = source_gm if source_gm is not None else fallback_gm  # the captured graph, normalized
         self.fallback_gm = fallback_gm
         self.program_gm = program_gm if program_gm is not None else fallback_gm  # after rewriting, before lowering
         self.log = log
@@ -124,7 +125,7 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
             gm = lowered.gm
             log.kernels = lowered.kernels
 
-    return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config, rewritten))
+    return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config, rewritten, original))
 
 
 @dataclass
