@@ -12,6 +12,7 @@ Ops that ATen already has are used as they are:
 Ops ATen lacks in a single-output functional form are defined here, in the `fusion` namespace:
     fusion.layer_norm(x, weight?, bias?, eps)  normalises over the last dim only
     fusion.rms_norm(x, weight?, eps)           x * rsqrt(mean(x*x, -1) + eps) * weight
+    fusion.attention(q, k, v, mask?, scale, causal)  softmax(q k^T * scale + mask) v, grouped-query aware
 """
 from __future__ import annotations
 
@@ -49,6 +50,35 @@ def _(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return x.new_empty(shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
+@torch.library.custom_op("fusion::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    """softmax(q @ k^T * scale + mask [causal]) @ v.
+
+    q: [..., H, S, D]; k, v: [..., Hkv, L, D] with H a multiple of Hkv (grouped-query heads share k/v);
+    mask: additive float or boolean (True = keep), broadcastable to [..., H, S, L]; causal: keep j <= i
+    (aligned to the top-left, as in SDPA). On CPU this runs PyTorch's fused SDPA kernel.
+    """
+    enable_gqa = k.shape[-3] != q.shape[-3]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=enable_gqa
+    ) if not (causal and mask is not None) else _attention_masked_causal(q, k, v, mask, scale, enable_gqa)
+
+
+def _attention_masked_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, gqa: bool) -> Tensor:
+    S, L = q.shape[-2], k.shape[-2]
+    keep = torch.ones(S, L, dtype=torch.bool, device=q.device).tril()
+    if mask.dtype == torch.bool:
+        mask = mask & keep
+    else:
+        mask = mask.masked_fill(~keep, float("-inf"))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+@attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
 #: FX targets that are "fused ops" (one kernel each, or part of one), with a short name for reports.
 FUSED_OPS: dict[object, str] = {
     aten._softmax.default: "softmax",
@@ -57,4 +87,5 @@ FUSED_OPS: dict[object, str] = {
     aten.silu.default: "silu",
     torch.ops.fusion.layer_norm.default: "layer_norm",
     torch.ops.fusion.rms_norm.default: "rms_norm",
+    torch.ops.fusion.attention.default: "attention",
 }

@@ -115,7 +115,7 @@ def test_bad_input_gets_a_clear_error(call, match):
     ("rewrite", "rewrites.rewrite"),
     ("lower", "fusion.lower.lower_to_kernels"),
 ])
-def test_stage_failure_falls_back_with_one_warning(monkeypatch, stage, target, assert_close):
+def test_stage_failure_falls_back_with_one_warning(monkeypatch, tmp_path, stage, target, assert_close):
     import importlib
 
     mod_name, attr = target.rsplit(".", 1)
@@ -129,23 +129,39 @@ def test_stage_failure_falls_back_with_one_warning(monkeypatch, stage, target, a
     x = torch.randn(2, 8, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = fusion.optimize(m, (x,))
+        opt = fusion.optimize(m, (x,), config=fusion.Config(cache_dir=str(tmp_path)))  # cold cache: every stage runs
         out = opt(x)
     ours = [w for w in caught if issubclass(w.category, FusionFallbackWarning)]
     assert len(ours) == 1 and stage in str(ours[0].message) and "injected failure" in str(ours[0].message)
     assert_close(out, m(x))
     with pytest.raises(RuntimeError, match="injected"):
-        fusion.optimize(m, (x,), config=fusion.Config(fallback=False))
+        fusion.optimize(m, (x,), config=fusion.Config(fallback=False, cache_dir=str(tmp_path / "again")))
 
 
-def test_capture_failure_falls_back():
-    class Weird(nn.Module):
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: export cannot capture it
-                return x + 1
-            return x - 1
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it, Dynamo can
+            return torch.softmax(x * 2, -1)
+        return x - 1
 
-    x = torch.randn(4)
+
+def test_unexportable_model_is_captured_by_dynamo():
+    x = torch.randn(4, 8).abs()
+    opt = fusion.optimize(DataDependent(), (x,))
+    assert opt.capture_method == "dynamo"
+    torch.testing.assert_close(opt(x), DataDependent()(x))
+    torch.testing.assert_close(opt(-x), DataDependent()(-x))  # the other branch
+
+
+def test_capture_failure_falls_back(monkeypatch):
+    import fusion.api
+
+    def boom(*a, **k):
+        raise RuntimeError("injected capture failure")
+
+    monkeypatch.setattr(fusion.api, "capture_module", boom)
+    monkeypatch.setattr(fusion.api.OptimizedModule, "_use_dynamo", boom)
+    x = torch.randn(4, 8)
     with pytest.warns(FusionFallbackWarning, match="capture"):
-        opt = fusion.optimize(Weird(), (x,))
-    torch.testing.assert_close(opt(x), Weird()(x))
+        opt = fusion.optimize(DataDependent(), (x,))
+    torch.testing.assert_close(opt(x), DataDependent()(x))
