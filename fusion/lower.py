@@ -1,0 +1,310 @@
+"""Lowering: fusion-dialect FX graph -> GraphModule calling generated C++ kernels + ATen.
+
+    res = lower_to_kernels(gm, config)
+    print(res.gm.code)      # softmax_0 = self.softmax_0(mul);  bmm_1 = torch.ops.aten.bmm.default(...)
+    res.kernels             # [KernelInfo(name="softmax_0", nodes=[...], source_path=..., ...)]
+
+Scheduling is in `fusion.schedule`, the kernel IR in `fusion.codegen.prims`, C++ rendering in
+`fusion.codegen.cpp`, compilation in `fusion.kernel_cache`, the call wrappers in `fusion.runtime`.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from fusion import kernel_cache, runtime
+from fusion import schedule as S
+from fusion.codegen import cpp
+from fusion.codegen import prims as P
+from fusion.config import Config
+
+try:
+    from costmodel.hardware import HardwareProfile
+except Exception:  # pragma: no cover
+    HardwareProfile = Any  # type: ignore
+
+
+class CodegenError(RuntimeError):
+    """Compilation or loading of generated kernels failed (message names the stage and kernels)."""
+
+    def __init__(self, stage: str, kernels: list[str], detail: str):
+        self.stage, self.kernels = stage, kernels
+        super().__init__(f"codegen failed at {stage} for kernel(s) {', '.join(kernels)}: {detail}")
+
+
+@dataclass
+class KernelInfo:
+    name: str
+    nodes: list[str]
+    source_path: str
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    transcendentals: int
+    kind: str = "pointwise"                 # "row_reduction" | "pointwise"
+    domain: list = field(default_factory=list)
+    scratch_rows: int = 0
+
+
+@dataclass
+class LowerResult:
+    gm: fx.GraphModule
+    kernels: list[KernelInfo]
+
+
+# ----------------------------------------------------------------------------------- naming
+def _kernel_base_name(g: S.Group) -> str:
+    ops = []
+    for m in g.members:
+        if m.target in S.ROW_FUSED:
+            ops.append(S.ROW_FUSED[m.target])
+        elif m.target in S.REDUCTIONS:
+            ops.append(S.REDUCTIONS[m.target])
+        elif m.target in S.POINTWISE:
+            ops.append(S.POINTWISE[m.target])
+    s = set(ops)
+    pattern = None
+    if {"amax", "exp", "sum", "div"} <= s or {"amax", "exp", "sum", "mul"} <= s and "log" not in s:
+        pattern = "softmax"
+    elif {"amax", "exp", "sum", "log"} <= s:
+        pattern = "log_softmax"
+    elif "var" in s or ({"mean", "sub"} <= s and ({"rsqrt", "sqrt"} & s)):
+        pattern = "layer_norm"
+    elif "mean" in s and ({"rsqrt", "sqrt"} & s):
+        pattern = "rms_norm"
+    if pattern is None and "sigmoid" in s and "mul" in s:
+        ops = ["silu" if o == "sigmoid" else o for o in ops]
+        if ops.count("mul") >= 2:
+            ops.remove("mul")                 # x * sigmoid(x) is part of silu
+        else:
+            ops = [o for o in ops if o != "mul"]
+    toks: list[str] = []
+    for o in ops:
+        if pattern is not None and o in ("amax", "exp", "sum", "div", "mean", "sub", "pow", "rsqrt",
+                                         "sqrt", "var", "log", "mul", "add"):
+            if pattern not in toks and not (toks and toks[-1] == pattern):
+                toks.append(pattern)
+            continue
+        if o not in toks:
+            toks.append(o)
+    if pattern is not None and pattern not in toks:
+        toks.append(pattern)
+    return "_".join(toks[:3]) or "kernel"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= S.hint(d)
+    return n
+
+
+def _domain_sources(ir: P.KernelIR) -> list | None:
+    R = len(ir.D)
+    src = []
+    for d in range(R):
+        found = None
+        for k, inp in enumerate(ir.inputs):
+            shape = list(S.tval(inp.node).shape)
+            width = R if inp.mode == "full" else R - 1
+            if d >= width:
+                continue
+            i = d - (width - len(shape))
+            if i >= 0 and not S.is_one(shape[i]) and S.same_dim(shape[i], ir.D[d]):
+                found = (k, i)
+                break
+        if found is None:
+            if isinstance(ir.D[d], torch.SymInt):
+                return None
+            found = (-1, int(ir.D[d]))
+        src.append(found)
+    return src
+
+
+def _input_spec(ir: P.KernelIR, inp: P.Input) -> runtime.InputSpec:
+    R = len(ir.D)
+    rank = inp.rank
+    width = R if inp.mode == "full" else R - 1
+    dmap = []
+    for d in range(R - 1):
+        i = d - (width - rank)
+        dmap.append(i if 0 <= i < rank and d < width else None)
+    last = rank - 1 if inp.mode == "full" and rank >= 1 else None
+    full_shape = inp.mode == "full" and rank == R and S.same_shape(list(S.tval(inp.node).shape), ir.D)
+    return runtime.InputSpec(dmap=dmap, last=last, vec=inp.vec, full_shape=full_shape)
+
+
+def _stats(ir: P.KernelIR) -> tuple[int, int, int, int]:
+    rows_n = _numel(ir.D)
+    rows = _numel(ir.D[:-1])
+    br = 0
+    for inp in ir.inputs:
+        v = S.tval(inp.node)
+        br += _numel(v.shape) * v.element_size()
+    bw = 0
+    for o in ir.outputs:
+        v = S.tval(o.node)
+        bw += _numel(v.shape) * v.element_size()
+    flops = tr = 0
+    for p in ir.prims:
+        if p.op in ("load", "const", "constb", "N"):
+            continue
+        cnt = rows_n if p.vec or p.op in P.REDUCE else rows
+        flops += cnt
+        if p.op in P.TRANSCENDENTAL:
+            tr += cnt
+    return br, bw, flops, tr
+
+
+# ----------------------------------------------------------------------------------- lowering
+def _on_cuda(gm: fx.GraphModule) -> bool:
+    """The device of the inputs picks the backend: any CUDA placeholder means Triton."""
+    return any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cuda"
+               for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None,
+                     hw: HardwareProfile | None = None) -> LowerResult:
+    config = config or Config()
+    if config.codegen == "aten":
+        return LowerResult(gm, [])
+    if config.codegen == "triton" or (config.codegen == "auto" and _on_cuda(gm)):
+        import fusion.codegen.triton_attention  # noqa: F401  (fusion.attention -> Triton on CUDA)
+        from fusion.codegen.triton_lower import lower_to_triton
+
+        return lower_to_triton(gm, config, hw)
+    groups = [g for g in S.schedule(gm) if S.worth_a_kernel(g, hw)]
+    irs: list[P.KernelIR] = []
+    specs: list[runtime.KernelSpec] = []
+    counter = 0
+    for g in groups:
+        name = f"{_kernel_base_name(g)}_{counter}"
+        try:
+            ir = P.build(g, name)
+        except (P.UnsupportedError, KeyError):
+            continue
+        if not ir.outputs:
+            continue
+        dsrc = _domain_sources(ir)
+        if dsrc is None:
+            continue
+        ins = [_input_spec(ir, i) for i in ir.inputs]
+        flatten = not ir.has_reduction and all(
+            s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
+            for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
+        outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
+        specs.append(runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten))
+        irs.append(ir)
+        counter += 1
+    if not irs:
+        return LowerResult(gm, [])
+
+    try:
+        source = cpp.render_module(irs)
+    except Exception as e:  # a bug in rendering: name the kernels
+        raise CodegenError("render", [ir.name for ir in irs], repr(e)) from e
+    try:
+        cpp_path, so_path = kernel_cache.build(source, config.cache_dir)
+        lib = kernel_cache.load(so_path)
+    except Exception as e:
+        raise CodegenError("compile", [ir.name for ir in irs], str(e)) from e
+
+    modules: dict[str, runtime.FusedKernel] = {}
+    infos: list[KernelInfo] = []
+    for ir, spec in zip(irs, specs):
+        try:
+            fn = runtime.bind(lib, ir.name, len(ir.inputs) + len(ir.outputs))
+        except AttributeError as e:
+            raise CodegenError("load", [ir.name], str(e)) from e
+        kind = "row_reduction" if ir.has_reduction else "pointwise"
+        desc = " -> ".join(m.name for m in ir.members[:6]) + (" ..." if len(ir.members) > 6 else "")
+        modules[ir.name] = runtime.FusedKernel(ir.name, fn, spec, [m.name for m in ir.members], kind,
+                                               cpp_path, config.num_threads, desc)
+        modules[ir.name].so_path = so_path
+        br, bw, fl, tr = _stats(ir)
+        infos.append(KernelInfo(ir.name, [m.name for m in ir.members], cpp_path, br, bw, fl, tr,
+                                kind=kind, domain=[S.hint(d) for d in ir.D],
+                                scratch_rows=getattr(ir, "n_scratch", 0)))
+    new_gm = _rebuild(gm, irs, modules)
+    return LowerResult(new_gm, infos)
+
+
+def _rebuild(gm: fx.GraphModule, irs: list[P.KernelIR], modules: dict) -> fx.GraphModule:
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    owner: dict[fx.Node, int] = {}
+    for gi, ir in enumerate(irs):
+        for m in ir.members:
+            owner[m] = gi
+    # condensed DAG: items are ("n", node) or ("g", group index); Kahn's algorithm by original order
+    def item(n):
+        return ("g", owner[n]) if n in owner else ("n", n)
+
+    deps: dict = {}
+    key: dict = {}
+    for n in nodes:
+        it = item(n)
+        key[it] = min(key.get(it, index[n]), index[n])
+        ds = deps.setdefault(it, set())
+        for a in n.all_input_nodes:
+            ia = item(a)
+            if ia != it:
+                ds.add(ia)
+    users: dict = {it: [] for it in deps}
+    indeg = {it: len(ds) for it, ds in deps.items()}
+    for it, ds in deps.items():
+        for d in ds:
+            users[d].append(it)
+    heap = [(key[it], i, it) for i, it in enumerate(deps) if indeg[it] == 0]
+    heapq.heapify(heap)
+    tie = len(deps)
+    order = []
+    while heap:
+        _, _, it = heapq.heappop(heap)
+        order.append(it)
+        for u in users[it]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                tie += 1
+                heapq.heappush(heap, (key[u], tie, u))
+    if len(order) != len(deps):
+        raise CodegenError("schedule", [ir.name for ir in irs], "fused groups form a cycle")
+
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for it in order:
+        if it[0] == "n":
+            n = it[1]
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            continue
+        ir = irs[it[1]]
+        args = tuple(env[i.node] for i in ir.inputs)
+        k = graph.create_node("call_module", ir.name, args, name=ir.name)
+        vals = [o.node.meta.get("val") for o in ir.outputs]
+        if len(ir.outputs) == 1:
+            k.meta["val"] = S.tval(ir.outputs[0].node)
+            env[ir.outputs[0].node] = k
+        else:
+            k.meta["val"] = tuple(vals)
+            for j, o in enumerate(ir.outputs):
+                gnode = graph.create_node("call_function", operator.getitem, (k, j), name=o.node.name)
+                gnode.meta["val"] = S.tval(o.node)
+                env[o.node] = gnode
+    root: dict[str, Any] = dict(modules)
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            root[n.target] = obj
+        elif n.op == "call_module" and n.target not in root:
+            root[n.target] = gm.get_submodule(n.target)
+    new_gm = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    new_gm.meta.update(getattr(gm, "meta", {}))
+    return new_gm
