@@ -46,8 +46,12 @@ def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mappi
 
 def register() -> None:
     """Make backend="fusion" work even when the package is not installed (entry points missing)."""
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
+    if any(ep.name == "fusion" for ep in entry_points(group="torch_dynamo_backends")):
+        return  # installed: Dynamo loads us through the entry point (registering here too would clash)
     if "fusion" not in _COMPILER_FNS:
         register_backend(name="fusion")(fusion_backend)
 

@@ -46,7 +46,9 @@ class CompileLog:
         t0 = time.perf_counter()
         try:
             out = fn(*args)
-        except Exception as e:  # noqa: BLE001 - any internal failure falls back, by design
+        except BaseException as e:  # noqa: BLE001 - any internal failure (even a Rust panic) falls back, by design
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
             dt = time.perf_counter() - t0
             detail = f"{type(e).__name__}: {e}"
             self.passes.append(PassRecord(name, dt, False, detail))

@@ -1,0 +1,177 @@
+"""The e-graph language: one sort `Tensor`, its constructors, and the shape/dtype functions.
+
+Every constructor has an explicit egglog name (`egg_fn`) so the exported e-graph speaks the same
+names as this file: `var`, `scalar`, `none`, `add`, `sub`, `mul`, `div`, `unary`, `reduce`,
+`pow_`, `var_`, `mm`, `bmm`, `addmm`, and the fused ops `softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
+`gelu`, `silu`.
+
+Conventions (the inserter in `rewrites.insert` keeps them):
+- leaves are `Tensor.var("fx_node_name")`; no tensor data ever enters the e-graph;
+- Python scalars are `Tensor.scalar(f64)` (rank 0, they broadcast and do not change the dtype);
+  only floating-point arithmetic is modelled, so an int scalar can be stored as a float;
+- dims are `i64` normalised to be >= 0; a reduction is modelled only over a single dim;
+- commutative ops are inserted with the scalar last, a leaf before a computed operand, else the
+  earlier-defined operand first (`norm(x) * w` is inserted as `w * norm(x)`, `sigmoid(x) * x` as
+  `x * sigmoid(x)`); there are no commutativity rules;
+- `Tensor.none()` stands for an absent optional tensor (a fused op's weight or bias).
+
+`shape` and `dtype` have no merge function: two different shapes for one e-class are an error
+("Illegal merge attempted for function shape"), which is how a wrong rule shows itself.
+Symbolic sizes are stored as negative ids (one per distinct symbolic expression), so equality of
+sizes is still meaningful; arithmetic on them is never done.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from egglog import (
+    Bool,
+    BoolLike,
+    EGraph,
+    Expr,
+    RewriteOrRule,
+    String,
+    StringLike,
+    Vec,
+    eq,
+    f64,
+    f64Like,
+    function,
+    i64,
+    i64Like,
+    method,
+    rule,
+    ruleset,
+)
+
+
+class Tensor(Expr, egg_sort="Tensor"):
+    """A tensor-valued term. Operators read as the math they build."""
+
+    @method(egg_fn="var")
+    @classmethod
+    def var(cls, name: StringLike) -> Tensor: ...
+
+    @method(egg_fn="scalar")
+    @classmethod
+    def scalar(cls, value: f64Like) -> Tensor: ...
+
+    @method(egg_fn="none")
+    @classmethod
+    def none(cls) -> Tensor: ...
+
+    @method(egg_fn="add")
+    def __add__(self, other: Tensor) -> Tensor: ...
+
+    @method(egg_fn="sub")
+    def __sub__(self, other: Tensor) -> Tensor: ...
+
+    @method(egg_fn="mul")
+    def __mul__(self, other: Tensor) -> Tensor: ...
+
+    @method(egg_fn="div")
+    def __truediv__(self, other: Tensor) -> Tensor: ...
+
+    @method(egg_fn="pow_")
+    def __pow__(self, exponent: f64Like) -> Tensor: ...
+
+
+@function(egg_fn="unary")
+def unary(op: StringLike, x: Tensor) -> Tensor: ...
+
+
+@function(egg_fn="reduce")
+def reduce(op: StringLike, x: Tensor, dim: i64Like, keepdim: BoolLike) -> Tensor: ...
+
+
+@function(egg_fn="var_")
+def variance(x: Tensor, dim: i64Like, correction: f64Like, keepdim: BoolLike) -> Tensor: ...
+
+
+@function(egg_fn="mm")
+def mm(a: Tensor, b: Tensor) -> Tensor: ...
+
+
+@function(egg_fn="bmm")
+def bmm(a: Tensor, b: Tensor) -> Tensor: ...
+
+
+@function(egg_fn="addmm")
+def addmm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor: ...
+
+
+# --- fused ops (fusion/ops.py) -------------------------------------------------------------------
+@function(egg_fn="softmax")
+def softmax(x: Tensor, dim: i64Like) -> Tensor: ...
+
+
+@function(egg_fn="log_softmax")
+def log_softmax(x: Tensor, dim: i64Like) -> Tensor: ...
+
+
+@function(egg_fn="layer_norm")
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: f64Like) -> Tensor: ...
+
+
+@function(egg_fn="rms_norm")
+def rms_norm(x: Tensor, weight: Tensor, eps: f64Like) -> Tensor: ...
+
+
+@function(egg_fn="gelu")
+def gelu(x: Tensor, approximate: StringLike) -> Tensor: ...
+
+
+@function(egg_fn="silu")
+def silu(x: Tensor) -> Tensor: ...
+
+
+# --- analyses: no merge, so a conflicting shape is an error, never a silent choice ----------------
+@function(egg_fn="shape")
+def shape(x: Tensor) -> Vec[i64]: ...
+
+
+@function(egg_fn="dtype")
+def dtype(x: Tensor) -> String: ...
+
+
+# --- readable helpers for rules -------------------------------------------------------------------
+def exp(x: Tensor) -> Tensor: return unary("exp", x)
+def log(x: Tensor) -> Tensor: return unary("log", x)
+def erf(x: Tensor) -> Tensor: return unary("erf", x)
+def tanh(x: Tensor) -> Tensor: return unary("tanh", x)
+def sigmoid(x: Tensor) -> Tensor: return unary("sigmoid", x)
+def sqrt(x: Tensor) -> Tensor: return unary("sqrt", x)
+def rsqrt(x: Tensor) -> Tensor: return unary("rsqrt", x)
+def reciprocal(x: Tensor) -> Tensor: return unary("reciprocal", x)
+def sum_(x: Tensor, dim: i64Like, keepdim: BoolLike) -> Tensor: return reduce("sum", x, dim, keepdim)
+def mean(x: Tensor, dim: i64Like, keepdim: BoolLike) -> Tensor: return reduce("mean", x, dim, keepdim)
+def amax(x: Tensor, dim: i64Like, keepdim: BoolLike) -> Tensor: return reduce("amax", x, dim, keepdim)
+def c(value: f64Like) -> Tensor: return Tensor.scalar(value)  # a Python-scalar operand
+
+
+TRUE = Bool(True)
+NONE = Tensor.none()
+
+#: unary ops the inserter models (FX name -> name in the e-graph is the same string)
+UNARY_OPS = ("exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt", "reciprocal", "neg", "relu", "abs")
+#: reductions over one dim
+REDUCE_OPS = ("sum", "mean", "amax", "amin")
+#: fused ops, by e-graph name
+FUSED = ("softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu")
+
+
+@ruleset
+def language(n: String) -> Iterable[RewriteOrRule]:
+    """Mentions every constructor and analysis; `declare` runs it for zero iterations so the
+    low-level e-graph knows all names before a program text is loaded (see rewrites.insert)."""
+    yield rule(Tensor.var(n), Tensor.none(), eq(shape(Tensor.var(n))).to(shape(Tensor.none())),
+               eq(dtype(Tensor.var(n))).to(dtype(Tensor.none()))).then(Tensor.none())
+    x = Tensor.var(n)
+    for t in (x + x, x - x, x * x, x / x, x ** f64(2.0), unary(n, x), reduce(n, x, 0, TRUE), variance(x, 0, 0.0, TRUE),
+              mm(x, x), bmm(x, x), addmm(x, x, x), softmax(x, 0), log_softmax(x, 0), layer_norm(x, x, x, 0.0),
+              rms_norm(x, x, 0.0), gelu(x, n), silu(x), Tensor.scalar(0.0)):
+        yield rule(t).then(t)
+
+
+def declare(eg: EGraph) -> None:
+    eg.run(0, ruleset=language)

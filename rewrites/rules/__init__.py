@@ -1,0 +1,27 @@
+"""Rule families, by name (the names `Config.disable_rules` accepts).
+
+One family per module. `analysis` (shape/dtype) always runs; the others can be switched off.
+"""
+from __future__ import annotations
+
+from egglog import Ruleset
+
+from rewrites.rules.activations import gelu_rules, silu_rules
+from rewrites.rules.algebra import algebra
+from rewrites.rules.analysis import analysis
+from rewrites.rules.layer_norm import layer_norm_rules
+from rewrites.rules.linear import linear_rules
+from rewrites.rules.rms_norm import rms_norm_rules
+from rewrites.rules.softmax import softmax_rules
+
+FAMILIES: dict[str, Ruleset] = {
+    "algebra": algebra,
+    "softmax": softmax_rules,
+    "layer_norm": layer_norm_rules,
+    "rms_norm": rms_norm_rules,
+    "gelu": gelu_rules,
+    "silu": silu_rules,
+    "linear": linear_rules,
+}
+
+__all__ = ["FAMILIES", "analysis"]

@@ -1,0 +1,32 @@
+"""GELU (erf and tanh forms) and SiLU.
+
+Constants are matched to within 1e-8 of their exact values, so `x / 1.4142135623730951`,
+`x * 0.7071067811865476` and `0.7978845608` all match (well inside fp32 rounding), `0.7071` does not.
+`x / sqrt(2)` reaches `x * (1/sqrt 2)` and `0.5 * x * (...)` reaches `(x * (...)) * 0.5` through the
+algebra family; `x**3` is reached from `x*x*x` the same way.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from egglog import RewriteOrRule, f64, rewrite, ruleset
+
+from rewrites.egraph import Tensor, c, erf, gelu, sigmoid, silu, tanh
+
+SQRT1_2 = 1.0 / math.sqrt(2.0)           # 0.7071067811865476
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608028654
+TOL = 1e-8
+
+
+@ruleset
+def gelu_rules(x: Tensor, k: f64) -> Iterable[RewriteOrRule]:
+    yield rewrite((x * (erf(x * c(k)) + c(1.0))) * c(0.5)).to(
+        gelu(x, "none"), abs(k - SQRT1_2) < TOL)                                       # x/2 (1+erf(x/sqrt2)) = gelu(x)
+    yield rewrite((x * (tanh((x + (x ** f64(3.0)) * c(0.044715)) * c(k)) + c(1.0))) * c(0.5)).to(
+        gelu(x, "tanh"), abs(k - SQRT_2_OVER_PI) < TOL)                                # x/2 (1+tanh(sqrt(2/pi)(x+0.044715x^3)))
+
+
+@ruleset
+def silu_rules(x: Tensor) -> Iterable[RewriteOrRule]:
+    yield rewrite(x * sigmoid(x)).to(silu(x))                                          # x*sigmoid(x) = silu(x)
