@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from fusion.capture import normalize
@@ -198,9 +199,14 @@ def remember(compiled: CompiledGraph) -> CompiledGraph:
 def hardware(config: Config) -> Any:
     """The hardware profile extraction and lowering cost things with (calibrated once per machine)."""
     try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         from costmodel import current_profile
 
-        return current_profile(config.cache_dir)
+        # Inside torch.compile the backend runs under AOTAutograd's fake mode; measuring the machine
+        # needs real tensors, so calibration (once per machine, then read from disk) steps out of it.
+        with unset_fake_temporarily():
+            return current_profile(config.cache_dir)
     except Exception as e:  # noqa: BLE001
         warn_fallback("calibrate", f"{type(e).__name__}: {e}", what_runs="a default hardware profile is used")
         return None

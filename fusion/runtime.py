@@ -9,6 +9,7 @@ holds (a user, autograd, a view) is never overwritten.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,28 +23,30 @@ _MAX_POOL = 4
 class BufferPool:
     """Reusable output buffers of one kernel output."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "lock")
 
     def __init__(self) -> None:
         self.entries: list[tuple[torch.Tensor, Any]] = []   # (base tensor, its python storage)
+        # The use-count check and the hand-out (the view we return raises the count) must be one step,
+        # or two threads calling the same module could both be handed the same free buffer.
+        self.lock = threading.Lock()
 
     def get(self, shape: list, dtype: torch.dtype) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= s
-        for base, st in self.entries:
-            # references: the base tensor + the cached python storage object = 2
-            if base.dtype is dtype and base.numel() == numel and _use_count(st._cdata) == 2:
-                return base.view(shape)
         if numel < 16384:                                           # small buffers are not pooled
             return torch.empty(shape, dtype=dtype)
-        base = torch.empty(numel, dtype=dtype)
-        if True:
+        with self.lock:
+            for base, st in self.entries:
+                # references: the base tensor + the cached python storage object = 2
+                if base.dtype is dtype and base.numel() == numel and _use_count(st._cdata) == 2:
+                    return base.view(shape)
+            base = torch.empty(numel, dtype=dtype)
             if len(self.entries) >= _MAX_POOL:
                 self.entries.pop(0)
             self.entries.append((base, base.untyped_storage()))
             return base.view(shape)
-        return base.view(shape)
 
     def clear(self) -> None:
         self.entries.clear()
