@@ -19,6 +19,11 @@ SYMBOLIC_SIZE = 64
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TRANSCENDENTAL = {"exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt"}
 LEAVES = {"var", "scalar", "none"}
+#: views: no data moves (a copy, `clone`, is costed as one)
+VIEWS = {"view", "expand", "permute", "unsqueeze"}
+#: logical e-nodes (rewrites/egraph.LOGICAL) exist for rules to match through; extraction never picks them
+LOGICAL = {"reshape_", "transpose_", "matmul", "repeat_kv"}
+LOGICAL_COST = Cost(calls=10**6)
 
 #: the default profile (used when no HardwareProfile is given): a modest 2-core CPU
 DEFAULT_PROFILE = HardwareProfile(
@@ -43,6 +48,10 @@ def enode_cost(
     a scalar/absent operand), `literals` its non-tensor arguments in order."""
     if op in LEAVES:
         return Cost()
+    if op in VIEWS:
+        return Cost(calls=1e-3)        # a view: metadata only (a tiny cost so no-op views are not added)
+    if op in LOGICAL:
+        return LOGICAL_COST
     item = ITEMSIZE.get(dtype or "float32", 4)
     ins = [numel(s) for s in children]
     known = [n for n in ins if n is not None]
@@ -81,6 +90,13 @@ def enode_cost(
         c.transcendentals = n_out / max(1, (out_shape[-1] if out_shape and out_shape[-1] > 0 else 1))
     elif op == "gelu":
         c.flops, c.transcendentals = 8 * n_out, n_out
+    elif op == "attention":   # reads q, k, v, mask; writes [.., S, Dv]; scores [.., S, L] stay in cache
+        q, k = children[0], children[1]
+        if q and k:
+            dim = lambda v: SYMBOLIC_SIZE if v < 0 else v  # noqa: E731
+            scores = numel(q) / max(1, dim(q[-1])) * dim(k[-2])
+            c.gemm_flops = 2 * scores * dim(q[-1]) + 2 * scores * (dim(out_shape[-1]) if out_shape else dim(q[-1]))
+            c.flops, c.transcendentals = 4 * scores, scores
     elif op == "silu":
         c.flops, c.transcendentals = 2 * n_out, n_out
     else:

@@ -39,6 +39,7 @@ class ENode:
 
     @staticmethod
     def make(id: int, cls: int, op: str, args: tuple) -> ENode:
+        args = tuple(tuple(a) if isinstance(a, list) else a for a in args)   # Vec literals, hashable
         return ENode(id, cls, op, args, tuple(int(a) for a in args if isinstance(a, Ref)),
                      tuple(a for a in args if not isinstance(a, Ref)))
 

@@ -28,6 +28,7 @@ class HardwareProfile:
     measured: bool = True               # False: datasheet numbers, not measured on this machine
     source: str = ""                    # "calibrated <date>" or "datasheet: <where from>"
     key: str = ""                       # machine key the profile was measured for
+    calibration_load: float = -1.0      # 1-min load average when measured (-1 unknown); high = noisy
 
     def to_json(self) -> dict:
         return asdict(self)

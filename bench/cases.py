@@ -1,0 +1,151 @@
+"""The benchmark cases: hand-written fp32 micro kernels and small HF transformers models.
+
+Each case builds (fn, inputs) on demand; fn(*inputs) returns one tensor. Micro cases also give the
+minimal bytes any implementation must move (each input read once + the output written once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str                                   # "micro" | "model"
+    desc: str
+    make: Callable[[], tuple[Callable, tuple]]  # -> (fn, inputs)
+
+
+def tensor_bytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def min_bytes(inputs: tuple, out: torch.Tensor) -> int:
+    """Inputs read once + output written once (the compulsory traffic of a perfectly fused kernel)."""
+    return tensor_bytes(*(t for t in inputs if isinstance(t, torch.Tensor))) + tensor_bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------- micro
+def softmax_hand(x):
+    m = x.amax(-1, keepdim=True)
+    e = (x - m).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def rmsnorm_llama(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def layernorm_F(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+
+def layernorm_hand(x, w, b):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * w + b
+
+
+def gelu_bias_residual(x, b, r):
+    return F.gelu(x + b) + r
+
+
+def swiglu(g, a):
+    return F.silu(g) * a
+
+
+def attn_softmax(s, mask):
+    return torch.softmax(s * 0.125 + mask, -1)
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _micro(name, desc, fn, *shapes, mask_shape=None):
+    def make():
+        g = _g()
+        ins = [torch.randn(*s, generator=g) for s in shapes]
+        if mask_shape is not None:   # additive causal mask: 0 on/below the diagonal, -1e4 above
+            L = mask_shape[-1]
+            ins.append(torch.triu(torch.full((L, L), -1e4), 1).expand(*mask_shape).contiguous())
+        return fn, tuple(ins)
+
+    return Case(name, "micro", desc, make)
+
+
+MICRO = [
+    _micro("softmax", "hand-written stable softmax, 4096x4096", softmax_hand, (4096, 4096)),
+    _micro("rmsnorm", "LLaMA RMSNorm x*rsqrt(mean(x^2)+eps)*w, 8192x1024", rmsnorm_llama, (8192, 1024), (1024,)),
+    _micro("layernorm", "F.layer_norm, 8192x1024", layernorm_F, (8192, 1024), (1024,), (1024,)),
+    _micro("layernorm_hand", "hand-written layer norm (mean/var/sqrt), 8192x1024", layernorm_hand,
+           (8192, 1024), (1024,), (1024,)),
+    _micro("gelu_bias_res", "F.gelu(x + b) + r, 8192x1024", gelu_bias_residual, (8192, 1024), (1024,), (8192, 1024)),
+    _micro("swiglu", "F.silu(g) * a, 8192x2816", swiglu, (8192, 2816), (8192, 2816)),
+    _micro("attn_softmax", "softmax(s*0.125 + mask, -1), s 8x12x256x256, mask 1x1x256x256", attn_softmax,
+           (8, 12, 256, 256), mask_shape=(1, 1, 256, 256)),
+]
+
+
+# ---------------------------------------------------------------------------------------------- models
+class LastHidden(torch.nn.Module):
+    """model(input_ids=ids).last_hidden_state, with no KV cache object in the output."""
+
+    def __init__(self, model, use_cache_arg: bool):
+        super().__init__()
+        self.model = model
+        self.use_cache_arg = use_cache_arg
+
+    def forward(self, ids):
+        if self.use_cache_arg:
+            return self.model(input_ids=ids, use_cache=False).last_hidden_state
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def _model(name, desc, build, batch, seq, use_cache_arg=True):
+    def make():
+        torch.manual_seed(0)
+        model = LastHidden(build(), use_cache_arg).eval()
+        ids = torch.randint(0, 1000, (batch, seq), generator=_g(1))
+        return model, (ids,)
+
+    return Case(name, "model", desc, make)
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(num_hidden_layers=4, attn_implementation="eager"), add_pooling_layer=False)
+
+
+def _gpt2(layers, positions=1024):
+    def build():
+        from transformers import GPT2Config, GPT2Model
+
+        return GPT2Model(GPT2Config(n_layer=layers, n_positions=positions, attn_implementation="eager"))
+
+    return build
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    # LLaMA-7B's 4096 hidden / 11008 MLP is too big for 2 cores; same architecture at BERT-base width.
+    return LlamaModel(LlamaConfig(num_hidden_layers=4, hidden_size=768, intermediate_size=2048,
+                                  num_attention_heads=12, num_key_value_heads=12, vocab_size=32000,
+                                  max_position_embeddings=2048, attn_implementation="eager"))
+
+
+MODELS = [
+    _model("bert", "BertModel 4 layers (base width), eager attention, batch 4 seq 128", _bert, 4, 128, False),
+    _model("gpt2", "GPT2Model 4 layers (base width), eager attention, batch 4 seq 128", _gpt2(4), 4, 128),
+    _model("llama", "LlamaModel 4 layers, hidden 768, MLP 2048, 12 heads, eager attention, batch 4 seq 128",
+           _llama, 4, 128),
+    _model("gpt2_long", "GPT2Model 2 layers (n_positions 2048), eager attention, batch 1 seq 2048", _gpt2(2, 2048), 1, 2048),
+]
+
+ALL = {c.name: c for c in MICRO + MODELS}
