@@ -12,13 +12,25 @@ What is measured (units: bytes/s, FLOP/s, evaluations/s, seconds):
     copy_bandwidth        dst.copy_(src) of a 256 MB tensor (>= 4x L3), (read + write bytes) / s
     cache_bandwidth       the same copy with a 2 x 4 MB working set (fits the last-level cache)
     gemm_flops            torch.mm out= at 1024 (fp32) / 2048 (bf16), torch._int_mm at 2048 (int8)
-    vector_flops          torch.addcmul(a, b, c, out=o) on an in-cache working set, 2 FLOPs/element.
+    vector_flops          torch.addcmul(a, b, c, out=o) on an in-cache working set, 2 FLOPs/element, as
+                          the slope between 32 k and 256 k elements (per-call costs cancel: _slope_rate).
                           Conservative: ATen pointwise ops are load/store bound even in cache; a fused
                           kernel doing many FLOPs per element in registers can exceed it.
-    transcendental_rate   harmonic mean of the exp / tanh / erf rates (torch.exp(x, out=o), ...)
+    transcendental_rate   harmonic mean of the exp / tanh / erf rates (torch.exp(x, out=o), ...), each the
+                          slope between 64 k and 512 k elements (in cache; per-call costs cancel)
     aten_overhead         s per torch.ops.aten.add.Tensor call on 1-element tensors from Python
-    kernel_overhead       s per ctypes call of libc memcpy(dst, src, 0): the proxy for calling one
-                          generated kernel (a few integer/pointer arguments) from Python
+    view_overhead         s per view-op call (aten.view / aten.permute) from Python: no data moves, but
+                          an FX program still dispatches every view node
+    kernel_overhead       s per call of a generated kernel from an FX program: a replica of the
+                          fusion.runtime wrapper (nn.Module call, shape/stride checks, the ctypes int64
+                          array of sizes, the output buffer, data_ptr()s, a ctypes call with 6 arguments
+                          into libc memcpy(p, p, 0)). A bare ctypes call is 0.3 us; the wrapper ~3 us.
+    graph_call_overhead   s per call of an FX GraphModule (Python forward, argument binding, output tuple)
+    parallel_overhead     s per OpenMP parallel region: t(add of 2*GRAIN elements, all threads) -
+                          t(add of GRAIN elements, one thread): both do GRAIN elements per thread, the
+                          difference is the fork/join of the thread team (0 with one thread)
+    gemm_curve            fp32 FLOP/s of torch.mm out= at n = 32, 64, 128, 256, 512 (small GEMMs do not
+                          reach the peak: packing, threading and the call are fixed costs)
     fresh_write_bandwidth (read + write bytes) / s of torch.empty(64 MB) + copy_ + free: glibc mmaps
                           and munmaps such allocations on every call, so each page is faulted in again
     page_fault_bandwidth  bytes written / (t_fresh - t_reused): the extra cost per freshly mapped byte
@@ -41,8 +53,17 @@ from pathlib import Path
 import torch
 
 from costmodel.hardware import HardwareProfile
+from costmodel.kernel_probe import kernel_rates
 
 _MEMO: dict[str, HardwareProfile] = {}
+#: the clock of every measurement: wall time, or (calibrate(cpu_clock=True), one thread only) the CPU
+#: time of the process, which excludes the time other processes hold the CPU: a load-robust estimate
+#: of what a quiet machine does (with several threads it would add up the threads, so it is refused)
+_clock = time.perf_counter
+#: what the stored profile's fields mean. 2: kernel_overhead is the runtime wrapper (not a bare ctypes
+#: call); view/graph-call/parallel overheads and the small-GEMM curve exist. 3: slope-based rates, ATen
+#: op rates (gelu/silu/softmax) and generated-kernel rates. Older files are re-measured.
+SCHEMA = 3
 MB = 1 << 20
 
 
@@ -140,19 +161,40 @@ def merge_best(a: HardwareProfile, b: HardwareProfile) -> HardwareProfile:
         transcendental_rate=hi(a.transcendental_rate, b.transcendental_rate), transcendental_rates=rates,
         kernel_overhead=lo(a.kernel_overhead, b.kernel_overhead), aten_overhead=lo(a.aten_overhead, b.aten_overhead),
         page_fault_bandwidth=hi(a.page_fault_bandwidth, b.page_fault_bandwidth),
+        view_overhead=lo(a.view_overhead, b.view_overhead),
+        graph_call_overhead=lo(a.graph_call_overhead, b.graph_call_overhead),
+        parallel_overhead=lo(a.parallel_overhead, b.parallel_overhead),
+        gemm_curve=_merge_curves(a.gemm_curve, b.gemm_curve),
+        kernel_rates={k: (b.kernel_rates.get(k, a.kernel_rates.get(k)) if k == "overlap" else
+                          hi(a.kernel_rates.get(k, 0.0), b.kernel_rates.get(k, 0.0)))
+                      for k in {*a.kernel_rates, *b.kernel_rates}},
         fresh_write_bandwidth=hi(a.fresh_write_bandwidth, b.fresh_write_bandwidth),
         calibration_load=min((x for x in (a.calibration_load, b.calibration_load) if x >= 0), default=-1.0),
         source=b.source + " (merged with an earlier calibration: best of both)",
     )
 
 
-def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scale: float = 1.0) -> HardwareProfile:
+def _merge_curves(a: dict, b: dict) -> dict:
+    """Per dtype and size (FLOPs) the larger FLOP/s of two gemm_curves."""
+    out = {}
+    for k in {*a, *b}:
+        pts: dict[float, float] = {}
+        for f, r in [*a.get(k, []), *b.get(k, [])]:
+            pts[f] = max(pts.get(f, 0.0), r)
+        out[k] = [[f, r] for f, r in sorted(pts.items())]
+    return out
+
+
+def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scale: float = 1.0,
+                      cpu_clock: bool = False) -> HardwareProfile:
     """The calibrated profile of this machine: from <cache>/profiles/<machine-key>.json when present and
     valid, else measured now (<= ~3 s) and stored. `force` re-measures; `scale` < 1 shrinks the sizes
     (tests). An unwritable cache dir only costs the re-measurement next time (never an error).
 
     A stored profile measured on a busy machine (calibration_load high) is measured again once the
-    machine is quiet, and the two are merged (best of both)."""
+    machine is quiet, and the two are merged (best of both). cpu_clock: measure (if measuring) with the
+    process CPU clock (one thread only; see calibrate)."""
+    measure = (lambda: calibrate(scale=scale, cpu_clock=True)) if cpu_clock else (lambda: calibrate(scale=scale))
     path = profile_path(cache_dir)
     memo_key = f"{path}|{scale}"
     if not force and memo_key in _MEMO:
@@ -163,16 +205,18 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
             hw = profile_from_json(json.loads(path.read_text()))
             if hw.key and hw.key != machine_key():
                 hw = None
+            elif hw.schema < SCHEMA and not is_noisy(_load_average()):
+                hw = None                              # older schema: re-measure, but only on a quiet machine
         except (OSError, ValueError, TypeError):
             hw = None                                  # corrupt or from an older schema: re-measure
     if hw is not None and is_noisy(hw.calibration_load) and not is_noisy(_load_average()):
-        hw = merge_best(hw, calibrate(scale=scale))
+        hw = merge_best(hw, measure())
         try:
             save_profile(hw, path)
         except OSError:
             pass
     if hw is None:
-        hw = calibrate(scale=scale)
+        hw = measure()
         try:
             save_profile(hw, path)
         except OSError as e:                           # read-only home etc.: keep the in-memory profile
@@ -188,17 +232,17 @@ def _best(fn, reps: int, inner: int = 1, budget_s: float = 0.25) -> float:
     """Minimum seconds per call of fn over up to `reps` timed batches of up to `inner` calls (after one
     warm-up call). Batches are kept near 20 ms and the step stops after `budget_s`, so a busy machine
     makes the calibration less precise, not much longer."""
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
-    one = time.perf_counter() - t0
+    one = _clock() - t0
     inner = max(1, min(inner, int(0.02 / max(one, 1e-9))))
     deadline = time.perf_counter() + budget_s
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = _clock()
         for _ in range(inner):
             fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
+        best = min(best, (_clock() - t0) / inner)
         if time.perf_counter() > deadline:
             break
     return best
@@ -249,10 +293,22 @@ def _gemm_flops(dtype: torch.dtype, n: int, reps: int) -> float:
         return 0.0
 
 
+def _slope_rate(run, n: int, reps: int, inner: int) -> float:
+    """Elements per second of run(k) (one op over k elements) as the SLOPE between k = n/8 and k = n:
+    the per-call costs (Python dispatch, OpenMP fork/join) are the same at both sizes and cancel, so
+    they are not mistaken for a low throughput (they are charged separately, per call)."""
+    n1 = max(n // 8, 1)
+    t1 = _best(lambda: run(n1), reps, inner * 8)
+    t2 = _best(lambda: run(n), reps, inner)
+    if t2 > t1 * 1.2:
+        return (n - n1) / (t2 - t1)
+    return n / t2                                     # too noisy to separate: the plain (lower) rate
+
+
 def _vector_flops(n: int, reps: int) -> float:
     a, b, c, o = (torch.rand(n) for _ in range(4))
     inner = max(1, (1 << 22) // n)
-    return 2 * n / _best(lambda: torch.addcmul(a, b, c, out=o), reps, inner)
+    return 2 * _slope_rate(lambda k: torch.addcmul(a[:k], b[:k], c[:k], out=o[:k]), n, reps, inner)
 
 
 def _transcendental_rates(n: int, reps: int) -> dict[str, float]:
@@ -260,7 +316,7 @@ def _transcendental_rates(n: int, reps: int) -> dict[str, float]:
     o = torch.empty(n)
     inner = max(1, (1 << 20) // n)
     return {
-        name: n / _best(lambda f=f: f(x, out=o), reps, inner)
+        name: _slope_rate(lambda k, f=f: f(x[:k], out=o[:k]), n, reps, inner)
         for name, f in (("exp", torch.exp), ("tanh", torch.tanh), ("erf", torch.erf))
     }
 
@@ -271,18 +327,122 @@ def _aten_overhead(calls: int) -> float:
     return _best(lambda: add(a, b), 5, calls)
 
 
-def _ctypes_overhead(calls: int) -> float:
+#: ATen ops with their own vectorised approximations (gelu's erf, silu's and softmax's exp are faster
+#: than torch.erf / torch.exp): (op, FLOPs per element besides the transcendental, row length or 0)
+_OP_RATES = (("gelu", 4, 0), ("silu", 3, 0), ("sigmoid", 2, 0), ("softmax", 4, 1024))
+
+
+def _op_rates(n: int, reps: int, vector_flops: float) -> dict[str, float]:
+    """Per ATen op: transcendental evaluations/s INSIDE the op, i.e. n / (t_op - FLOPs / vector_flops),
+    the op's time measured as a slope (per-call costs cancel), so that the model's compute term
+    FLOPs / vector_flops + n / rate reproduces the op's measured throughput."""
+    x = torch.rand(n) * 4 - 2
+    out = {}
+    for name, f, row in _OP_RATES:
+        if name == "gelu":
+            run = lambda k: torch.ops.aten.gelu.default(x[:k])                   # noqa: E731
+        elif name == "silu":
+            run = lambda k: torch.nn.functional.silu(x[:k])                    # noqa: E731
+        elif name == "sigmoid":
+            run = lambda k: torch.sigmoid(x[:k])                               # noqa: E731
+        else:
+            run = lambda k: torch._softmax(x[:k].view(-1, row), -1, False)     # noqa: E731
+        r = _slope_rate(run, n, reps, max(1, (1 << 20) // n))
+        t_tr = 1.0 / r - f / vector_flops
+        out[name] = 1.0 / t_tr if t_tr > 0.1 / r else r
+    return out
+
+
+def _view_overhead(calls: int) -> float:
+    x = torch.ones(4, 4)
+    view, permute = torch.ops.aten.view.default, torch.ops.aten.permute.default
+    return _best(lambda: (view(x, [16]), permute(x, [1, 0])), 5, calls) / 2
+
+
+def _kernel_call_overhead(calls: int) -> float:
+    """A replica of what fusion.runtime does to call one generated kernel (see the module docstring)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    memcpy = libc.memcpy
-    memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    memcpy.restype = ctypes.c_void_p
-    buf = torch.empty(16)
-    p = buf.data_ptr()
-    return _best(lambda: memcpy(p, p, 0), 5, calls)
+    fn = libc.memcpy
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_void_p] * 3
+    fn.restype = ctypes.c_void_p
+    M = ctypes.c_int64 * 3
+    pool = [torch.empty(4, 16)]
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, x0, x1):
+            sh0, sh1 = x0.shape, x1.shape
+            D0, D1 = sh0[0], sh0[1]
+            if sh1[0] != D1:
+                raise RuntimeError("shape")
+            if D1 > 1 and x0.stride(1) != 1:
+                x0 = x0.contiguous()
+            st0 = x0.stride()
+            m = M(D0, D1, st0[0])
+            o0 = pool[0] if pool[0].shape == sh0 else torch.empty(D0, D1)
+            p = o0.data_ptr()
+            fn(p, p, 0, x0.data_ptr(), x1.data_ptr(), ctypes.addressof(m))
+            return o0
+
+    w, x, y = Wrapper(), torch.ones(4, 16), torch.ones(16)
+    return _best(lambda: w(x, y), 5, calls)
 
 
-def calibrate(scale: float = 1.0, verbose: bool = False) -> HardwareProfile:
-    """Measure now. scale=1 takes ~2-3 s on 2 cores; scale<1 shrinks sizes and repetitions (tests)."""
+def _graph_call_overhead(calls: int) -> float:
+    gm = torch.fx.symbolic_trace(lambda x: (x,))
+    x = torch.ones(1)
+    return _best(lambda: gm(x), 5, calls)
+
+
+def _parallel_overhead(reps: int) -> float:
+    """Fork/join of one OpenMP parallel region (see the module docstring); 0 with one thread."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 0.0
+    grain = 32768
+    a, b = torch.rand(2 * grain), torch.rand(2 * grain)
+    o = torch.empty(2 * grain)
+    a1, b1, o1 = a[:grain], b[:grain], o[:grain]
+    t_par = _best(lambda: torch.add(a, b, out=o), reps, 200)
+    t_one = _best(lambda: torch.add(a1, b1, out=o1), reps, 200)   # <= grain: runs on one thread
+    return max(t_par - t_one, 0.0)
+
+
+def _gemm_curve(sizes, reps: int) -> list[list[float]]:
+    """[[FLOPs, FLOP/s], ...] ascending. A bigger GEMM is never slower per FLOP than a smaller one on
+    this hardware, and contention only ever slows a measurement down, so each rate is raised to the
+    best rate of the smaller sizes before it (a preempted long GEMM must not bend the curve down)."""
+    out, best = [], 0.0
+    for n in sizes:
+        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        t = _best(lambda: torch.mm(a, b, out=c), reps, 50)
+        best = max(best, 2.0 * n ** 3 / t)
+        out.append([2.0 * n ** 3, best])
+    return out
+
+
+def calibrate(scale: float = 1.0, verbose: bool = False, cpu_clock: bool = False) -> HardwareProfile:
+    """Measure now. scale=1 takes ~3-4 s on 2 cores; scale<1 shrinks sizes and repetitions (tests).
+    cpu_clock: time with the process CPU clock (one torch thread only; see _clock)."""
+    global _clock
+    if cpu_clock and torch.get_num_threads() != 1:
+        raise ValueError("cpu_clock=True needs torch.set_num_threads(1): CPU time adds up the threads")
+    _clock = time.process_time if cpu_clock else time.perf_counter
+    try:
+        hw = _calibrate(scale, verbose)
+    finally:
+        _clock = time.perf_counter
+    if cpu_clock:
+        hw = dataclasses.replace(hw, source=hw.source + ", process CPU clock (load-robust, 1 thread)")
+    elif is_noisy(hw.calibration_load) and torch.get_num_threads() > 1:
+        # under contention OpenMP barriers wait for descheduled threads (ms, not us): these multi-thread
+        # quantities would be off by 100-1000x. Left unmeasured (the model then uses the ATen rates, the
+        # large-GEMM peak, no fork/join term) until a quiet machine re-measures and merges.
+        hw = dataclasses.replace(hw, parallel_overhead=0.0, gemm_curve={}, kernel_rates={},
+                                 source=hw.source + "; noisy: fork/join, GEMM curve, kernel rates not kept")
+    return hw
+
+
+def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
     t_start = time.perf_counter()
     load = _load_average()
     full = scale >= 1.0
@@ -308,11 +468,21 @@ def calibrate(scale: float = 1.0, verbose: bool = False) -> HardwareProfile:
         }
         gemm = {k: v for k, v in gemm.items() if v > 0}
         gemm.setdefault("float32", 1e10)
-        vec = step("vector", lambda: _vector_flops(1 << 16, reps))
-        rates = step("transc", lambda: _transcendental_rates(1 << 16 if full else 1 << 14, reps))
+        vec = step("vector", lambda: _vector_flops(1 << 18 if full else 1 << 15, reps))    # 4 x 1 MB: in cache
+        rates = step("transc", lambda: _transcendental_rates(1 << 19 if full else 1 << 15, reps))
+        rates.update(step("op-rates", lambda: _op_rates(1 << 19 if full else 1 << 15, reps, vec)))
+        krates = step("kernel-rates", lambda: kernel_rates(1 << 19 if full else 1 << 15, reps, big // 4,
+                                                           best=_best, slope=_slope_rate))
         aten_oh = step("aten", lambda: _aten_overhead(2000 if full else 200))
-        kern_oh = step("ctypes", lambda: _ctypes_overhead(5000 if full else 500))
-    tr = len(rates) / sum(1.0 / r for r in rates.values())
+        kern_oh = step("kernel", lambda: _kernel_call_overhead(2000 if full else 200))
+        view_oh = step("view", lambda: _view_overhead(2000 if full else 200))
+        graph_oh = step("graph", lambda: _graph_call_overhead(2000 if full else 200))
+        par_oh = step("parallel", lambda: _parallel_overhead(reps))
+        curve = step("gemm-curve", lambda: _gemm_curve((32, 64, 128, 256, 512) if full else (32, 64), reps))
+    if curve:                                          # the peak is at least the best small-GEMM rate
+        gemm["float32"] = max(gemm["float32"], curve[-1][1])
+    base = [rates[k] for k in ("exp", "tanh", "erf") if k in rates]
+    tr = len(base) / sum(1.0 / r for r in base)
     total = time.perf_counter() - t_start
     if verbose:
         print("calibration steps: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in steps), file=sys.stderr)
@@ -328,12 +498,18 @@ def calibrate(scale: float = 1.0, verbose: bool = False) -> HardwareProfile:
         aten_overhead=aten_oh,
         page_fault_bandwidth=fault_bw,
         transcendental_rates=rates,
+        view_overhead=view_oh,
+        kernel_rates=krates,
+        graph_call_overhead=graph_oh,
+        parallel_overhead=par_oh,
+        gemm_curve={"float32": curve + [[2.0 * 1024 ** 3, max(gemm["float32"], curve[-1][1])]] if full else curve},
         fresh_write_bandwidth=fresh_bw,
         measured=True,
         source=(f"calibrated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in "
                 f"{total:.2f} s, scale {scale:g}, torch {torch.__version__}"),
         key=machine_key(),
         calibration_load=load,
+        schema=SCHEMA,
     )
 
 
@@ -364,11 +540,21 @@ def profile_rows(hw: HardwareProfile) -> list[tuple[str, str]]:
         ("vector (pointwise) FLOP/s", _si(hw.vector_flops, "FLOP/s")),
         ("transcendentals (harmonic mean)", _si(hw.transcendental_rate, "eval/s")),
     ]
-    rows += [(f"  {k}", _si(v, "eval/s")) for k, v in sorted(hw.transcendental_rates.items())]
+    rows += [(f"  {k}" + ("" if k in ("exp", "erf", "tanh") else " (inside the ATen op)"), _si(v, "eval/s"))
+             for k, v in sorted(hw.transcendental_rates.items())]
+    rows += [(f"generated kernels: {k}", f"{v:.2f}" if k == "overlap" else
+              _si(v, "FLOP/s" if k == "flops" else "B/s" if "bandwidth" in k else "eval/s"))
+             for k, v in sorted(hw.kernel_rates.items())]
     rows += [
         ("ATen op call from Python", _time(hw.aten_overhead)),
-        ("generated-kernel call (ctypes)", _time(hw.kernel_overhead)),
+        ("generated-kernel call (wrapper + ctypes)", _time(hw.kernel_overhead)),
+        ("view-op call from Python", _time(hw.view_overhead)),
+        ("FX GraphModule call", _time(hw.graph_call_overhead)),
+        ("OpenMP parallel region (fork/join)", _time(hw.parallel_overhead)),
     ]
+    for k, pts in sorted(hw.gemm_curve.items()):
+        rows.append((f"GEMM {k} small sizes", ", ".join(
+            f"n={round((f / 2) ** (1 / 3))}: {_si(r, 'FLOP/s')}" for f, r in pts)))
     if hw.launch_overhead:
         rows.append(("device kernel launch", _time(hw.launch_overhead)))
     if hw.fresh_write_bandwidth:
@@ -398,13 +584,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasheet", metavar="NAME", default=None,
                     help="print a datasheet GPU profile instead (A100-40GB, H100-SXM, H200)")
     ap.add_argument("--verbose", action="store_true", help="print the time of each calibration step")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads to calibrate for (default: torch's)")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="measure with the process CPU clock (needs --threads 1): robust to other processes")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.datasheet:
         from costmodel.profiles import get_profile
 
         hw = get_profile(args.datasheet)
-    elif args.verbose:
-        hw = calibrate(verbose=True)
+    elif args.verbose or args.cpu_clock:
+        hw = calibrate(verbose=args.verbose, cpu_clock=args.cpu_clock)
         save_profile(hw, profile_path(args.cache_dir))
         _MEMO.clear()
     else:

@@ -17,7 +17,7 @@ class HardwareProfile:
     gemm_flops: dict               # dtype name ("float32", "bfloat16", "int8") -> FLOP/s of a large GEMM
     vector_flops: float            # FLOP/s of vectorised fp32 pointwise arithmetic (all cores)
     transcendental_rate: float     # exp/erf/tanh evaluations per second (all cores, vectorised)
-    kernel_overhead: float         # s per generated-kernel call from Python
+    kernel_overhead: float         # s per generated-kernel call from Python (wrapper + ctypes call)
     aten_overhead: float           # s per ATen op call from Python
     page_fault_bandwidth: float    # bytes/s of first-touching freshly mmapped memory (0 = not modelled)
     # --- optional fields (defaults keep older JSON and hand-written profiles valid) ---
@@ -29,6 +29,12 @@ class HardwareProfile:
     source: str = ""                    # "calibrated <date>" or "datasheet: <where from>"
     key: str = ""                       # machine key the profile was measured for
     calibration_load: float = -1.0      # 1-min load average when measured (-1 unknown); high = noisy
+    view_overhead: float = 0.0          # s per view-op call (aten.view/permute...) from Python (0 = free)
+    parallel_overhead: float = 0.0      # s per OpenMP parallel region (fork + join of the thread team)
+    graph_call_overhead: float = 0.0    # s per call of an FX GraphModule (the program itself)
+    schema: int = 0                     # calibrate.SCHEMA the profile was measured with (0: older)
+    gemm_curve: dict = field(default_factory=dict)
+    kernel_rates: dict = field(default_factory=dict)  # generated C++ kernels: "flops" FLOP/s, "exp"/... eval/s  # dtype -> [[FLOPs per GEMM, FLOP/s], ...] small sizes
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -15,16 +15,20 @@ The per-op formulas are in the tables at the end of this file.
 """
 from __future__ import annotations
 
-import functools
 import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from costmodel.hardware import HardwareProfile
+from costmodel.ops_table import (  # noqa: F401  (re-exported: tests and tools import them from here)
+    _CONCAT, _CONV, _CREATE, _EMPTY, _GATHER, _GELU_TANH, _GEMM, _PW, _RED, _SCATTER, _SDPA, VIEW_OPS,
+    BASE_FN, TRANSCENDENTAL_FN, gemm_rate, is_view_target, op_name,
+)
 
 DEFAULT_SYMBOLIC_SIZE = 128
 MMAP_THRESHOLD = 32 << 20     # bytes; glibc mmaps allocations this big afresh on every call
+PARALLEL_GRAIN = 32768        # elements; ATen's at::parallel_for (and generated kernels) stay serial below
 
 
 @dataclass
@@ -38,6 +42,12 @@ class Cost:
     gemm_dtype: str = "float32"
     aten_calls: int = 0             # how many of `calls` are ATen calls (charged hw.aten_overhead)
     fresh_bytes: float = 0.0        # bytes written into outputs >= MMAP_THRESHOLD (page-faulted)
+    # --- added later; keyword-only in practice (positional construction above stays valid) ---
+    transcendental_mix: dict = field(default_factory=dict)  # "exp"/"erf"/"tanh" -> evaluations of it
+    parallel_regions: float = 0.0   # OpenMP parallel regions entered (charged hw.parallel_overhead)
+    view_calls: float = 0.0         # view ops called from Python (charged hw.view_overhead)
+    gemm_calls: float = 0.0         # independent GEMM problems in gemm_flops (bmm batch, heads); 0 = calls
+    generated: bool = False         # a generated (C++) kernel: hw.kernel_rates instead of ATen's rates
 
     @property
     def bytes(self) -> float:
@@ -53,37 +63,84 @@ class Cost:
         return self.total_flops / self.bytes if self.bytes else float("inf")
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(
-            self.bytes_read + other.bytes_read,
-            self.bytes_written + other.bytes_written,
-            self.flops + other.flops,
-            self.gemm_flops + other.gemm_flops,
-            self.transcendentals + other.transcendentals,
-            self.calls + other.calls,
-            self.gemm_dtype if self.gemm_flops or not other.gemm_flops else other.gemm_dtype,
-            self.aten_calls + other.aten_calls,
-            self.fresh_bytes + other.fresh_bytes,
-        )
+        out = Cost()
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "gemm_dtype":
+                v = a if self.gemm_flops or not other.gemm_flops else b
+            elif f.name == "transcendental_mix":
+                v = {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {*a, *b}}
+            elif f.name == "generated":
+                v = a or b
+            else:
+                v = a + b
+            setattr(out, f.name, v)
+        return out
 
     def scaled(self, k: float) -> "Cost":
-        return Cost(*(getattr(self, f.name) * k if f.name != "gemm_dtype" else self.gemm_dtype
-                      for f in fields(self)))
+        def sc(name, v):
+            if name in ("gemm_dtype", "generated"):
+                return v
+            if name == "transcendental_mix":
+                return {f: n * k for f, n in v.items()}
+            return v * k
+        return Cost(*(sc(f.name, getattr(self, f.name)) for f in fields(self)))
+
+    def bandwidth(self, hw: HardwareProfile) -> float:
+        """hw.cache_bandwidth when all bytes moved fit in half the last-level cache, else hw.copy_bandwidth;
+        for a generated kernel the streaming bandwidths its compiled code reaches (hw.kernel_rates)."""
+        kr = self._kernel_rates(hw)
+        dram = kr.get("dram_bandwidth") or hw.copy_bandwidth
+        cache = kr.get("cache_bandwidth") or hw.cache_bandwidth
+        if cache and self.bytes <= hw.llc_bytes / 2:
+            return max(dram, cache)
+        return dram
+
+    def gemm_time(self, hw: HardwareProfile) -> float:
+        """GEMM FLOPs at the rate this GEMM size reaches: hw.gemm_curve (measured FLOP/s vs FLOPs per
+        GEMM, small sizes) interpolated log-log, the large-GEMM peak hw.gemm_flops beyond it."""
+        if not self.gemm_flops:
+            return 0.0
+        peak = hw.gemm_flops.get(self.gemm_dtype) or hw.gemm_flops.get("float32") or 1e12
+        curve = (getattr(hw, "gemm_curve", None) or {}).get(self.gemm_dtype)
+        n = self.gemm_calls or self.calls or 1
+        return self.gemm_flops / gemm_rate(curve, self.gemm_flops / n, peak)
+
+    def _kernel_rates(self, hw: HardwareProfile) -> dict:
+        return (getattr(hw, "kernel_rates", None) or {}) if self.generated else {}
+
+    def vector_time(self, hw: HardwareProfile) -> float:
+        """Non-GEMM FLOPs: ATen pointwise throughput (hw.vector_flops), or for a generated kernel the
+        register-level rate its compiled code reaches (hw.kernel_rates["flops"]) when measured."""
+        return self.flops / (self._kernel_rates(hw).get("flops") or hw.vector_flops)
+
+    def transcendental_time(self, hw: HardwareProfile) -> float:
+        """Evaluations of a known function at its own measured rate, the rest at the harmonic-mean rate
+        hw.transcendental_rate. ATen ops: hw.transcendental_rates (per op for gelu/silu/softmax, else per
+        function, ops_table.BASE_FN); generated kernels: hw.kernel_rates (glibc's vector functions)."""
+        if not self.transcendentals:
+            return 0.0
+        kr = self._kernel_rates(hw)
+        rates = kr or getattr(hw, "transcendental_rates", None) or {}
+        t, known = 0.0, 0.0
+        for fn, n in self.transcendental_mix.items():
+            r = (None if kr else rates.get(fn)) or rates.get(BASE_FN.get(fn, fn))
+            if r:
+                t += n / r
+                known += n
+        return t + max(self.transcendentals - known, 0.0) / hw.transcendental_rate
 
     def time(self, hw: HardwareProfile, overhead: float | None = None) -> float:
-        """Predicted seconds on `hw`: the roofline max of the three limits, plus per-call overhead.
+        """Predicted seconds on `hw`: the roofline max of the three limits, plus per-call overheads.
 
-        Bandwidth: hw.cache_bandwidth when all bytes moved fit in half the last-level cache, else
-        hw.copy_bandwidth. Fresh large outputs add fresh_bytes / hw.page_fault_bandwidth.
-        Calls: `overhead` each when given; else ATen calls pay hw.aten_overhead, the others
-        hw.kernel_overhead (+ hw.launch_overhead on GPUs)."""
-        bw = hw.copy_bandwidth
-        if hw.cache_bandwidth and self.bytes <= hw.llc_bytes / 2:
-            bw = max(bw, hw.cache_bandwidth)
-        t_mem = self.bytes / bw
-        peak = hw.gemm_flops.get(self.gemm_dtype) or hw.gemm_flops.get("float32") or 1e12
-        t_gemm = self.gemm_flops / peak
-        t_vec = self.flops / hw.vector_flops
-        t_tr = self.transcendentals / hw.transcendental_rate
+        max(bytes / bandwidth, GEMM time + FLOPs / vector_flops + transcendental time)
+        (generated kernels: + (1 - overlap) * min of the two, hw.kernel_rates["overlap"] measured)
+        + fresh_bytes / hw.page_fault_bandwidth (first touch of freshly mmapped outputs)
+        + calls: `overhead` each when given; else ATen calls pay hw.aten_overhead, the others
+          hw.kernel_overhead (+ hw.launch_overhead on GPUs)
+        + parallel_regions * hw.parallel_overhead (OpenMP fork/join) + view_calls * hw.view_overhead."""
+        t_mem = self.bytes / self.bandwidth(hw)
+        t_cmp = self.gemm_time(hw) + self.vector_time(hw) + self.transcendental_time(hw)
         pf = getattr(hw, "page_fault_bandwidth", 0.0)
         t_fault = self.fresh_bytes / pf if pf else 0.0
         if overhead is not None:
@@ -92,7 +149,11 @@ class Cost:
             launch = getattr(hw, "launch_overhead", 0.0)
             kernels = max(self.calls - self.aten_calls, 0)
             t_calls = kernels * (hw.kernel_overhead + launch) + self.aten_calls * hw.aten_overhead
-        return max(t_mem, t_gemm + t_vec + t_tr) + t_fault + t_calls
+        t_calls += (self.parallel_regions * getattr(hw, "parallel_overhead", 0.0)
+                    + self.view_calls * getattr(hw, "view_overhead", 0.0))
+        # generated kernels: only the measured fraction `overlap` of the smaller term hides under the larger
+        ov = self._kernel_rates(hw).get("overlap", 1.0)
+        return max(t_mem, t_cmp) + (1.0 - ov) * min(t_mem, t_cmp) + t_fault + t_calls
 
     def breakdown(self, hw: HardwareProfile) -> dict:
         """Each roofline term in seconds and which one bounds the kernel ("memory"/"compute")."""
@@ -329,6 +390,14 @@ def kernel_cost(nodes) -> Cost:
             total.bytes_written += b
             total.fresh_bytes += b if b >= MMAP_THRESHOLD else 0.0
     total.calls = 1 if compute else 0
+    total.generated = bool(compute)
+    mix: dict[str, float] = {}
+    for n in compute:                       # the kernel's code calls the plain functions (expf, erff...)
+        for fn, cnt in node_cost(n).transcendental_mix.items():
+            mix[BASE_FN.get(fn, fn)] = mix.get(BASE_FN.get(fn, fn), 0.0) + cnt
+    total.transcendental_mix = mix
+    work = max((numel(m) for n in compute for m in flat_metas(node_val(n))), default=0)
+    total.parallel_regions = 1.0 if work >= PARALLEL_GRAIN else 0.0
     return total
 
 
@@ -349,119 +418,8 @@ def graph_time(gm, hw: HardwareProfile) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# per-op formulas
+# per-op formulas (the tables: costmodel/ops_table.py)
 # ----------------------------------------------------------------------------------------------
-def op_name(target) -> tuple[str, str]:
-    """(namespace, packet name) of an op: aten.add.Tensor -> ("aten", "add")."""
-    try:
-        if hasattr(target, "_schema"):
-            ns, rest = target.name().split("::", 1)
-            return ns, rest.split(".", 1)[0]
-        q = getattr(target, "_qualified_op_name", None)
-        if q:
-            ns, rest = q.split("::", 1)
-            return ns, rest
-    except Exception:
-        pass
-    return "", getattr(target, "__name__", str(target))
-
-
-VIEW_OPS = frozenset("""
-view _unsafe_view reshape _reshape_alias permute expand expand_as t transpose numpy_T unsqueeze squeeze
-slice select as_strided alias detach split split_with_sizes unbind chunk narrow view_as diagonal unfold
-lift_fresh movedim flatten unflatten view_as_real view_as_complex real imag _reshape_copy
-sym_size sym_numel sym_stride sym_storage_offset _assert_async _assert_scalar sym_constrain_range
-sym_constrain_range_for_size _assert_tensor_metadata dim size stride
-""".split())
-
-# Pointwise: (FLOPs per output element, transcendentals per output element).
-# Arithmetic, comparisons, selects: 1 FLOP. sqrt / rsqrt / reciprocal / div: 1 FLOP (vector units
-# have them, at lower throughput, not modelled). exp / tanh / erf / log / sigmoid / sin / ...: 1
-# transcendental each, plus the FLOPs around it.
-_PW: dict[str, tuple[float, float]] = {}
-for _n in """add sub mul div neg abs relu maximum minimum fmax fmin eq ne lt le gt ge logical_and logical_or
-logical_not logical_xor bitwise_and bitwise_or bitwise_not bitwise_xor bitwise_left_shift
-bitwise_right_shift __and__ __or__ __xor__ __lshift__ __rshift__ where masked_fill rsub sign sgn floor
-ceil round trunc frac fmod remainder reciprocal sqrt rsqrt square clamp_min clamp_max threshold
-threshold_backward copysign isnan isinf isfinite signbit heaviside floor_divide true_divide relu6
-leaky_relu triu tril nan_to_num hypot xlogy""".split():
-    _PW[_n] = (1.0, 0.0)
-for _n in """clone _to_copy copy to contiguous lift_fresh_copy type_as _to_dim_order_copy alias_copy
-view_copy permute_copy expand_copy t_copy transpose_copy unsqueeze_copy squeeze_copy slice_copy
-select_copy _unsafe_view_copy convert_element_type repeat flip roll fill fill_ positive
-masked_scatter constant_pad_nd pad""".split():
-    _PW[_n] = (0.0, 0.0)                    # pure data movement
-_PW.update({
-    "clamp": (2, 0), "hardtanh": (2, 0), "addcmul": (2, 0), "addcdiv": (2, 0), "lerp": (3, 0),
-    "hardsigmoid": (3, 0), "hardswish": (4, 0), "sigmoid_backward": (2, 0), "tanh_backward": (2, 0),
-    "exp": (0, 1), "exp2": (0, 1), "expm1": (1, 1), "log": (0, 1), "log2": (0, 1), "log10": (0, 1),
-    "log1p": (1, 1), "tanh": (0, 1), "erf": (0, 1), "erfc": (0, 1), "erfinv": (0, 1),
-    "sin": (0, 1), "cos": (0, 1), "tan": (0, 1), "asin": (0, 1), "acos": (0, 1), "atan": (0, 1),
-    "atan2": (0, 1), "sinh": (0, 1), "cosh": (0, 1), "asinh": (0, 1), "acosh": (0, 1), "atanh": (0, 1),
-    "sigmoid": (2, 1),                      # 1 / (1 + exp(-x)): exp, add, div
-    "logit": (2, 1), "softplus": (2, 2), "elu": (2, 1), "celu": (2, 1), "selu": (3, 1),
-    "mish": (3, 3),                         # x * tanh(softplus(x)): exp, log1p, tanh
-    "gelu": (4, 1),                         # 0.5*x*(1+erf(x/sqrt2)): 4 FLOPs + erf   (tanh form below)
-    "silu": (3, 1),                         # x / (1 + exp(-x)): neg/add/div... 3 FLOPs + exp
-    "gelu_backward": (8, 2),                # erf + exp (Gaussian pdf)
-    "silu_backward": (5, 1),
-    "native_dropout_backward": (2, 0),
-    "rand_like": (4, 0), "randn_like": (6, 1), "bernoulli": (5, 0),
-})
-_GELU_TANH = (7, 1)                         # 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715x^3))): 7 FLOPs + tanh
-
-# Reductions: FLOPs (and transcendentals) per INPUT element; read input, write the (small) output.
-_RED: dict[str, tuple[float, float]] = {
-    **{n: (1, 0) for n in """sum mean amax amin max min argmax argmin prod any all cumsum cumprod
-    nansum count_nonzero aminmax cummax cummin""".split()},
-    "var": (3, 0), "std": (3, 0), "var_mean": (3, 0), "std_mean": (3, 0),
-    "norm": (2, 0), "linalg_vector_norm": (2, 0), "logsumexp": (3, 1),
-}
-
-# Ops that only create an output: write it (no reads). empty*: nothing is written.
-_CREATE = frozenset("""full zeros ones zeros_like ones_like full_like new_zeros new_ones new_full arange
-scalar_tensor linspace eye _efficientzerotensor rand randn randint randperm""".split())
-_EMPTY = frozenset("empty empty_like new_empty empty_strided empty_permuted".split())
-
-# Gathers: read the gathered elements (output-sized) + indices, write the output.
-_GATHER = frozenset("embedding index_select gather index _unsafe_index take".split())
-# Scatters: read self + source (+ indices), write output.
-_SCATTER = frozenset("""scatter scatter_add scatter_reduce index_put _unsafe_index_put index_add
-index_copy slice_scatter select_scatter diagonal_scatter as_strided_scatter embedding_dense_backward
-masked_scatter_backward""".split())
-_CONCAT = frozenset("cat stack concat concatenate hstack vstack".split())
-
-_GEMM = frozenset("""mm bmm addmm baddbmm addbmm matmul linear _int_mm _weight_int8pack_mm _scaled_mm
-mv addmv dot vdot""".split())
-_CONV = frozenset("convolution conv1d conv2d conv3d _convolution conv_transpose1d conv_transpose2d".split())
-_SDPA = frozenset("""scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
-_scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
-_scaled_dot_product_cudnn_attention _scaled_dot_product_attention_math
-_scaled_dot_product_fused_attention_overrideable sdpa attention""".split())
-
-
-def is_view_target(target) -> bool:
-    try:
-        return _is_view_cached(target)
-    except TypeError:                       # unhashable target
-        return _is_view_uncached(target)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_view_cached(target) -> bool:
-    return _is_view_uncached(target)
-
-
-def _is_view_uncached(target) -> bool:
-    if target is operator.getitem:
-        return True
-    ns, name = op_name(target)
-    if name in VIEW_OPS:
-        return True
-    if ns and getattr(target, "is_view", False):
-        return True
-    return False
-
 
 def _dtype_name(m) -> str:
     return str(getattr(m, "dtype", "torch.float32")).replace("torch.", "")
@@ -492,6 +450,11 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
     c.gemm_dtype = "int8" if name in ("_int_mm", "_weight_int8pack_mm") else _dtype_name(a)
     if name == "_scaled_mm":
         c.gemm_dtype = _dtype_name(a)
+    osh = shape_of(outs[0]) if outs else ()
+    if name in ("bmm", "baddbmm") and len(osh) == 3:
+        c.gemm_calls = float(osh[0])        # B independent [M, K] x [K, N] problems
+    else:
+        c.gemm_calls = 1.0                  # mm/addmm/linear (a 3-D linear input is one flattened GEMM)
     return c
 
 
@@ -520,14 +483,22 @@ def _sdpa_cost(name, ins, outs, args, kwargs) -> Cost:
     Dv = vs[-1] if vs else D
     bh = numel(q) // max(L * D, 1)          # batch * heads
     scores = float(bh * L * S)
-    causal = bool(_arg(args, kwargs, 5 if name == "scaled_dot_product_attention" else 4, "is_causal", False)) \
-        if name != "_scaled_dot_product_attention_math" else bool(kwargs.get("is_causal", False))
+    if name == "attention":                 # fusion.attention(q, k, v, mask, scale, causal)
+        mask = _arg(args, kwargs, 3, "mask", None)
+        # with an explicit mask the causal case runs SDPA on mask & tril: no block is skipped
+        causal = bool(_arg(args, kwargs, 5, "causal", False)) and mask is None
+    elif name == "_scaled_dot_product_attention_math":
+        causal = bool(kwargs.get("is_causal", False))
+    else:
+        causal = bool(_arg(args, kwargs, 5 if name == "scaled_dot_product_attention" else 4, "is_causal", False))
     frac = 0.5 if causal else 1.0           # flash kernels skip the masked half
     c = Cost()
     c.gemm_flops = 2.0 * scores * (D + Dv) * frac      # QK^T: 2*BH*L*S*D; PV: 2*BH*L*S*Dv -> 4BHLSD
     c.flops = 6.0 * scores * frac           # scale, mask add, softmax (max, sub, sum, mul)
     c.transcendentals = scores * frac       # one exp per score
+    c.transcendental_mix = {"exp": c.transcendentals}
     c.gemm_dtype = _dtype_name(q)
+    c.gemm_calls = 2.0 * bh                 # per (batch, head): Q K^T and P V, blocked small GEMMs
     return c
 
 
@@ -574,13 +545,14 @@ def _op_cost_impl(target, ins, out_meta, args, kwargs) -> Cost:
         c.flops = 7.0 * (numel(ins[0]) if ins else 0)
     elif name in _GEMM:
         g = _gemm_cost(name, ins, outs, args, kwargs)
-        c.gemm_flops, c.flops, c.gemm_dtype = g.gemm_flops, g.flops, g.gemm_dtype
+        c.gemm_flops, c.flops, c.gemm_dtype, c.gemm_calls = g.gemm_flops, g.flops, g.gemm_dtype, g.gemm_calls
     elif name in _CONV:
         g = _conv_cost(name, ins, outs, args, kwargs)
         c.gemm_flops, c.flops, c.gemm_dtype = g.gemm_flops, g.flops, g.gemm_dtype
     elif name in _SDPA:
         g = _sdpa_cost(name, ins, outs, args, kwargs)
         c.gemm_flops, c.flops, c.transcendentals, c.gemm_dtype = g.gemm_flops, g.flops, g.transcendentals, g.gemm_dtype
+        c.transcendental_mix, c.gemm_calls = g.transcendental_mix, g.gemm_calls
     elif name == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
         c.flops, c.transcendentals = _GELU_TANH[0] * out_elems, _GELU_TANH[1] * out_elems
     elif name in ("pow", "float_power"):
@@ -619,4 +591,15 @@ def _op_cost_impl(target, ins, out_meta, args, kwargs) -> Cost:
         c.flops = n_in * max(size, 2).bit_length()   # ~ n log2 n comparisons
     else:
         c.flops = out_elems                 # unknown op: read inputs, write outputs, 1 FLOP/element
+    if c.transcendentals and not c.transcendental_mix:
+        fn = TRANSCENDENTAL_FN.get(base)
+        if name == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
+            fn = "tanh"
+        if fn:
+            c.transcendental_mix = {fn: c.transcendentals}
+    # ATen splits an op over the threads (one OpenMP parallel region) above its grain size
+    work = max(out_elems, max((numel(m) for m in ins), default=0))
+    if (work > PARALLEL_GRAIN or c.gemm_flops) and name not in _EMPTY:
+        c.parallel_regions = 1.0
     return c
+

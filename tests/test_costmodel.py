@@ -229,6 +229,111 @@ def test_transformer_graph_has_no_unknown_ops():
     assert c.gemm_flops > 0 and c.transcendentals > 0 and c.calls > 10
 
 
+def test_transcendental_rate_per_function():
+    import dataclasses
+
+    hw = dataclasses.replace(HW, transcendental_rates={"exp": 4e9, "tanh": 1e9, "erf": 2e9})
+    x = meta(1 << 20)
+    e = op_cost(aten.exp.default, [x], x)
+    t = op_cost(aten.tanh.default, [x], x)
+    g = op_cost(aten.gelu.default, [x], x)
+    assert e.transcendental_mix == {"exp": 1 << 20} and t.transcendental_mix == {"tanh": 1 << 20}
+    assert g.transcendental_mix == {"gelu": 1 << 20}       # ATen's gelu: its own erf approximation
+    assert g.transcendental_time(hw) == pytest.approx(t.transcendental_time(hw) / 2)   # no "gelu" rate: erf's
+    hw_op = dataclasses.replace(hw, transcendental_rates={**hw.transcendental_rates, "gelu": 8e9})
+    assert g.transcendental_time(hw_op) == pytest.approx((1 << 20) / 8e9)
+    gt = op_cost(aten.gelu.default, [x], x, args=(x,), kwargs={"approximate": "tanh"})
+    assert gt.transcendental_mix == {"tanh": 1 << 20}
+    assert t.transcendental_time(hw) == pytest.approx(4 * e.transcendental_time(hw))
+    s = op_cost(aten._softmax.default, [x], x, args=(x, -1, False))
+    assert s.transcendental_mix == {"softmax": s.transcendentals}
+    # a generated kernel calls the plain functions at the compiled code's rates
+    gen = dataclasses.replace(hw, kernel_rates={"exp": 16e9, "erf": 8e9, "tanh": 8e9, "flops": 300e9})
+    k = Cost(transcendentals=1 << 20, transcendental_mix={"exp": 1 << 20}, flops=3e6, calls=1, generated=True)
+    assert k.transcendental_time(gen) == pytest.approx((1 << 20) / 16e9)
+    assert k.vector_time(gen) == pytest.approx(3e6 / 300e9)
+    both = e + t                                       # sums keep the mix per function
+    assert both.transcendental_mix == {"exp": 1 << 20, "tanh": 1 << 20}
+    assert both.scaled(0.5).transcendental_mix == {"exp": 1 << 19, "tanh": 1 << 19}
+
+
+def test_parallel_regions_and_view_calls():
+    import dataclasses
+
+    hw = dataclasses.replace(HW, parallel_overhead=5e-6, view_overhead=1e-6)
+    small, big = meta(1024), meta(1 << 20)
+    assert op_cost(aten.add.Tensor, [small, small], small).parallel_regions == 0     # below ATen's grain
+    c = op_cost(aten.add.Tensor, [big, big], big)
+    assert c.parallel_regions == 1
+    assert c.time(hw) == pytest.approx(c.time(HW) + 5e-6)
+    assert Cost(view_calls=3).time(hw) == pytest.approx(3e-6)
+
+
+def test_gemm_rate_curve():
+    import dataclasses
+
+    from costmodel.roofline import gemm_rate
+
+    curve = [[2 * 64 ** 3, 20e9], [2 * 256 ** 3, 100e9], [2 * 1024 ** 3, 200e9]]
+    assert gemm_rate(curve, 2 * 1024 ** 3 * 8, 200e9) == 200e9
+    assert gemm_rate(curve, 2 * 256 ** 3, 200e9) == pytest.approx(100e9)
+    mid = gemm_rate(curve, 2 * 128 ** 3, 200e9)
+    assert 20e9 < mid < 100e9
+    assert gemm_rate(curve, 2 * 32 ** 3, 200e9) == pytest.approx(20e9 / 8)      # below: constant time
+    assert gemm_rate([], 1e6, 123.0) == 123.0
+    hw = dataclasses.replace(HW, gemm_curve={"float32": curve})
+    c = op_cost(aten.mm.default, [meta(64, 64), meta(64, 64)], meta(64, 64))
+    assert c.gemm_time(hw) == pytest.approx(2 * 64 ** 3 / 20e9)
+    b = op_cost(aten.bmm.default, [meta(16, 64, 64), meta(16, 64, 64)], meta(16, 64, 64))
+    assert b.gemm_calls == 16 and b.gemm_time(hw) == pytest.approx(16 * c.gemm_time(hw))
+
+
+def test_fusion_attention_causal_flag():
+    q = meta(2, 4, 64, 32)
+    plain = op_cost(torch.ops.fusion.attention.default, [q, q, q], q, args=(q, q, q, None, 0.125, False))
+    causal = op_cost(torch.ops.fusion.attention.default, [q, q, q], q, args=(q, q, q, None, 0.125, True))
+    assert causal.gemm_flops == pytest.approx(plain.gemm_flops / 2)
+    m = meta(1, 1, 64, 64)
+    masked = op_cost(torch.ops.fusion.attention.default, [q, q, q, m], q, args=(q, q, q, m, 0.125, True))
+    assert masked.gemm_flops == plain.gemm_flops                        # masked causal runs the full SDPA
+
+
+def test_program_cost_counts_views_and_kernels():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from costmodel.program_cost import graph_program_time, kernel_info_cost, program_cost
+
+    gm = trace(lambda x: softmax_hand(x.view(-1, 64)).t(), torch.randn(8, 64))
+    costs = dict(program_cost(gm))
+    assert sum(c.view_calls for c in costs.values()) == 2
+    assert sum(c.aten_calls for c in costs.values()) == 5
+    hw = dataclasses.replace(HW, view_overhead=1e-6, graph_call_overhead=2e-6)
+    assert graph_program_time(gm, hw) == pytest.approx(sum(node_cost(n).time(hw) for n in calls(gm)) + 4e-6)
+    k = SimpleNamespace(bytes_read=4 << 20, bytes_written=4 << 20, flops=5 << 20, transcendentals=1 << 20,
+                        domain=[1024, 1024], nodes=["exp"])
+    kc = kernel_info_cost(k, gm)
+    assert kc.calls == 1 and kc.aten_calls == 0 and kc.parallel_regions == 1
+    assert kc.transcendental_mix == {"exp": 1 << 20}
+
+
+def test_old_profile_schema_is_remeasured(tmp_path, monkeypatch):
+    import dataclasses
+
+    cal._MEMO.clear()
+    path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
+    cal.save_profile(dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1), path)   # schema 0
+    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, kernel_overhead=3e-6,
+                                schema=cal.SCHEMA)
+    monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: fresh)
+    monkeypatch.setattr(cal, "_load_average", lambda: 99.0)     # busy: keep the old numbers for now
+    assert cal.load_or_calibrate(str(tmp_path)).kernel_overhead == HW.kernel_overhead
+    cal._MEMO.clear()
+    monkeypatch.setattr(cal, "_load_average", lambda: 0.0)      # quiet: re-measure
+    assert cal.load_or_calibrate(str(tmp_path)).kernel_overhead == 3e-6
+    cal._MEMO.clear()
+
+
 # ---------------------------------------------------------------------------------------------- calibration
 def test_calibration_stores_and_reloads(tmp_path, monkeypatch):
     cal._MEMO.clear()
@@ -286,9 +391,10 @@ def test_noisy_profile_is_remeasured_and_merged(tmp_path, monkeypatch):
     cal._MEMO.clear()
     path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
     noisy = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=99.0, copy_bandwidth=1e9,
-                                gemm_flops={"float32": 1e15})
+                                gemm_flops={"float32": 1e15}, schema=cal.SCHEMA)
     cal.save_profile(noisy, path)
-    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, copy_bandwidth=40e9)
+    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, copy_bandwidth=40e9,
+                                schema=cal.SCHEMA)
     monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: fresh)
     monkeypatch.setattr(cal, "_load_average", lambda: 0.0)
     hw = cal.load_or_calibrate(str(tmp_path))
