@@ -93,7 +93,7 @@ def enode_cost(
     elif op == "attention":   # reads q, k, v, mask; writes [.., S, Dv]; scores [.., S, L] stay in cache
         q, k = children[0], children[1]
         if q and k:
-            dim = lambda v: SYMBOLIC_SIZE if v < 0 else v  # noqa: E731
+            dim = lambda v: SYMBOLIC_SIZE if v < 0 else v
             scores = numel(q) / max(1, dim(q[-1])) * dim(k[-2])
             c.gemm_flops = 2 * scores * dim(q[-1]) + 2 * scores * (dim(out_shape[-1]) if out_shape else dim(q[-1]))
             c.flops, c.transcendentals = 4 * scores, scores

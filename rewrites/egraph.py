@@ -3,7 +3,8 @@
 Every constructor has an explicit egglog name (`egg_fn`) so the exported e-graph speaks the same
 names as this file: `var`, `scalar`, `none`, `add`, `sub`, `mul`, `div`, `unary`, `reduce`,
 `pow_`, `var_`, `mm`, `bmm`, `addmm`, and the fused ops `softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
-`gelu`, `silu`.
+`gelu`, `silu`, `attention`; `where`; layout ops `view`, `expand`, `permute`, `unsqueeze`, `clone`;
+logical ops (never extracted) `reshape_`, `transpose_`, `matmul`, `repeat_kv`.
 
 Conventions (the inserter in `rewrites.insert` keeps them):
 - leaves are `Tensor.var("fx_node_name")`; no tensor data ever enters the e-graph;
@@ -100,6 +101,44 @@ def bmm(a: Tensor, b: Tensor) -> Tensor: ...
 def addmm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor: ...
 
 
+# --- layout ops (value-preserving views; physical: they appear in FX graphs) ---------------------
+@function(egg_fn="view")
+def view(x: Tensor, shape: Vec[i64]) -> Tensor: ...              # aten.view/_unsafe_view/reshape (output shape, no -1)
+
+
+@function(egg_fn="expand")
+def expand(x: Tensor, shape: Vec[i64]) -> Tensor: ...            # aten.expand (output shape, no -1)
+
+
+@function(egg_fn="permute")
+def permute(x: Tensor, dims: Vec[i64]) -> Tensor: ...            # aten.permute (dims >= 0)
+
+
+@function(egg_fn="unsqueeze")
+def unsqueeze(x: Tensor, dim: i64Like) -> Tensor: ...
+
+
+@function(egg_fn="clone")
+def clone(x: Tensor) -> Tensor: ...                              # a copy (any memory format): same value
+
+
+# --- logical ops: value semantics only, never extracted (cost LOGICAL_COST), consumed by fusions ---
+@function(egg_fn="reshape_")
+def reshape_(x: Tensor, shape: Vec[i64]) -> Tensor: ...          # row-major reshape, whatever x's strides
+
+
+@function(egg_fn="transpose_")
+def transpose_(x: Tensor) -> Tensor: ...                         # swap the last two dims
+
+
+@function(egg_fn="matmul")
+def matmul(a: Tensor, b: Tensor) -> Tensor: ...                  # [..., m, k] @ [..., k, n], equal batch dims
+
+
+@function(egg_fn="repeat_kv")
+def repeat_kv(x: Tensor, n_rep: i64Like) -> Tensor: ...          # [B, Hkv, L, D] -> [B, Hkv*n_rep, L, D], each head n_rep times
+
+
 # --- fused ops (fusion/ops.py) -------------------------------------------------------------------
 @function(egg_fn="softmax")
 def softmax(x: Tensor, dim: i64Like) -> Tensor: ...
@@ -125,6 +164,14 @@ def gelu(x: Tensor, approximate: StringLike) -> Tensor: ...
 def silu(x: Tensor) -> Tensor: ...
 
 
+@function(egg_fn="where")
+def where(cond: Tensor, a: Tensor, b: Tensor) -> Tensor: ...      # aten.where.self; cond is a bool leaf
+
+
+@function(egg_fn="attention")
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f64Like, causal: BoolLike) -> Tensor: ...
+
+
 # --- analyses: no merge, so a conflicting shape is an error, never a silent choice ----------------
 @function(egg_fn="shape")
 def shape(x: Tensor) -> Vec[i64]: ...
@@ -132,6 +179,10 @@ def shape(x: Tensor) -> Vec[i64]: ...
 
 @function(egg_fn="dtype")
 def dtype(x: Tensor) -> String: ...
+
+
+@function(egg_fn="fill_kind")
+def fill_kind(x: Tensor) -> String: ...   # "neg_big": a constant 0-d leaf <= finfo(dtype).min (incl. -inf): a mask fill
 
 
 # --- readable helpers for rules -------------------------------------------------------------------
@@ -157,7 +208,11 @@ UNARY_OPS = ("exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt", "reciproca
 #: reductions over one dim
 REDUCE_OPS = ("sum", "mean", "amax", "amin")
 #: fused ops, by e-graph name
-FUSED = ("softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu")
+FUSED = ("softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "attention")
+#: layout ops: free (a view) except clone (a copy)
+LAYOUT = ("view", "expand", "permute", "unsqueeze", "clone")
+#: logical ops: equalities for rules to match through, never chosen by extraction
+LOGICAL = ("reshape_", "transpose_", "matmul", "repeat_kv")
 
 
 @ruleset
@@ -165,11 +220,14 @@ def language(n: String) -> Iterable[RewriteOrRule]:
     """Mentions every constructor and analysis; `declare` runs it for zero iterations so the
     low-level e-graph knows all names before a program text is loaded (see rewrites.insert)."""
     yield rule(Tensor.var(n), Tensor.none(), eq(shape(Tensor.var(n))).to(shape(Tensor.none())),
-               eq(dtype(Tensor.var(n))).to(dtype(Tensor.none()))).then(Tensor.none())
+               eq(dtype(Tensor.var(n))).to(dtype(Tensor.none())),
+               eq(fill_kind(Tensor.var(n))).to(fill_kind(Tensor.none()))).then(Tensor.none())
     x = Tensor.var(n)
     for t in (x + x, x - x, x * x, x / x, x ** f64(2.0), unary(n, x), reduce(n, x, 0, TRUE), variance(x, 0, 0.0, TRUE),
               mm(x, x), bmm(x, x), addmm(x, x, x), softmax(x, 0), log_softmax(x, 0), layer_norm(x, x, x, 0.0),
-              rms_norm(x, x, 0.0), gelu(x, n), silu(x), Tensor.scalar(0.0)):
+              rms_norm(x, x, 0.0), gelu(x, n), silu(x), Tensor.scalar(0.0), view(x, Vec[i64](1)),
+              expand(x, Vec[i64](1)), permute(x, Vec[i64](0)), unsqueeze(x, 0), clone(x), reshape_(x, Vec[i64](1)),
+              transpose_(x), matmul(x, x), repeat_kv(x, 1), attention(x, x, x, x, 1.0, TRUE), where(x, x, x)):
         yield rule(t).then(t)
 
 

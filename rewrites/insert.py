@@ -40,6 +40,12 @@ class Scalar:
     value: float
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A literal list of ints (a view's output shape, permute dims): `(vec-of ...)` in the e-graph."""
+    dims: tuple
+
+
 ABSENT = "__absent__"   # an absent optional tensor (becomes `Tensor.none()`)
 
 
@@ -69,6 +75,25 @@ def _val(n: Any) -> Any:
 def _is_float_tensor(n: Any) -> bool:
     v = _val(n)
     return isinstance(v, torch.Tensor) and v.dtype in FLOATS
+
+
+def _is_bool_tensor(n: Any) -> bool:
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+def _fill_kind(n: Node) -> str | None:
+    """"neg_big" for a 0-d constant fill <= finfo(dtype).min (-inf included): what masks are filled with."""
+    v = _val(n)
+    if not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype in FLOATS):
+        return None
+    if n.target is aten.scalar_tensor.default:
+        value = n.args[0]
+    elif n.target is aten.full.default and list(n.args[0]) == []:
+        value = n.args[1]
+    else:
+        return None
+    return "neg_big" if isinstance(value, (int, float)) and value <= torch.finfo(v.dtype).min else None
 
 
 def _scalar(a: Any) -> Scalar | None:
@@ -166,7 +191,40 @@ def _addmm(n: Node) -> Signature | None:
     return Signature("addmm", tuple(n.args[:3]))
 
 
+def _out_shape(n: Node) -> Shape | None:
+    shape = tuple(_val(n).shape)
+    return Shape(shape) if all(isinstance(d, int) for d in shape) else None
+
+
+def _reshape(n: Node) -> Signature | None:
+    s = _out_shape(n)
+    return None if s is None else Signature("view", (n.args[0], s))
+
+
+def _expand(n: Node) -> Signature | None:
+    s = _out_shape(n)
+    return None if s is None or n.kwargs.get("implicit") else Signature("expand", (n.args[0], s))
+
+
+def _permute(n: Node) -> Signature | None:
+    rank = _val(n).dim()
+    return Signature("permute", (n.args[0], Shape(tuple(d % rank for d in n.args[1]))))
+
+
+def _unsqueeze(n: Node) -> Signature | None:
+    d = n.args[1]
+    return Signature("unsqueeze", (n.args[0], d % _val(n).dim()))
+
+
 _OPS: dict[Any, Callable[[Node], Signature | None]] = {
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.expand.default: _expand,
+    aten.permute.default: _permute,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.clone.default: lambda n: Signature("clone", (n.args[0],)),
+    aten.where.self: lambda n: Signature("where", tuple(n.args)) if _is_bool_tensor(n.args[0]) else None,
     **{getattr(aten, f"{o}").Tensor: _binary(o) for o in ("add", "sub", "mul", "div")},
     **{getattr(aten, f"{o}").Scalar: _binary(o) for o in ("add", "sub", "mul", "div")},
     **{getattr(aten, o).default: _unary(o) for o in UNARY_OPS},
@@ -201,7 +259,7 @@ def signature(n: Node) -> Signature | None:
     if sig is None:
         return None
     out_dtype = _val(n).dtype
-    for a in sig.args:
+    for a in sig.args[1:] if sig.op == "where" else sig.args:   # where's condition is a bool leaf
         if isinstance(a, Node) and not (_is_float_tensor(a) and _val(a).dtype == out_dtype):
             return None
     return sig
@@ -247,6 +305,8 @@ def insert(gm: torch.fx.GraphModule) -> Inserted:
             if a.name not in ins.leaves:
                 ins.leaves[a.name] = a
                 lines.extend(_facts(f'(var "{a.name}")', a, ins.symbols))
+                if _fill_kind(a):
+                    lines.append(f'(set (fill_kind (var "{a.name}")) "{_fill_kind(a)}")')
             return f'(var "{a.name}")'
         if isinstance(a, Scalar):
             return f"(scalar {a.value!r})"
@@ -258,6 +318,8 @@ def insert(gm: torch.fx.GraphModule) -> Inserted:
             return repr(a)
         if isinstance(a, int):
             return str(a)
+        if isinstance(a, Shape):
+            return f"(vec-of {' '.join(str(d) for d in a.dims)})" if a.dims else "(vec-empty)"
         if isinstance(a, str) and a.isidentifier():
             return f'"{a}"'
         raise ValueError(f"cannot write literal {a!r}")

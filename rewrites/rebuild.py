@@ -17,15 +17,18 @@ from torch.fx import Graph, GraphModule, Node
 
 import fusion.ops  # noqa: F401  (registers torch.ops.fusion.*)
 from costmodel.extract import EGraphExport, ENode, Ref
+from rewrites.egraph import LOGICAL
 from rewrites.errors import RewriteError
-from rewrites.insert import ABSENT, CHECK_ONLY, Inserted, Scalar
+from rewrites.insert import ABSENT, CHECK_ONLY, Inserted, Scalar, Shape
 
 aten = torch.ops.aten
 _REDUCE = {"sum": aten.sum.dim_IntList, "mean": aten.mean.dim, "amax": aten.amax.default, "amin": aten.amin.default}
 _BINARY = {"add": aten.add.Tensor, "sub": aten.sub.Tensor, "mul": aten.mul.Tensor, "div": aten.div.Tensor}
 #: fused e-graph op -> rule name reported in `fired`
 RULE_OF = {"softmax": "softmax", "log_softmax": "log_softmax", "layer_norm": "layer_norm",
-           "rms_norm": "rms_norm", "gelu": "gelu", "silu": "silu", "addmm": "linear"}
+           "rms_norm": "rms_norm", "gelu": "gelu", "silu": "silu", "addmm": "linear", "attention": "attention"}
+_LAYOUT = {"view": aten.view.default, "expand": aten.expand.default, "permute": aten.permute.default,
+           "unsqueeze": aten.unsqueeze.default}
 
 
 def _num(v: float) -> int | float:
@@ -61,6 +64,18 @@ def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
         return torch.ops.fusion.layer_norm.default, (a[0], a[1], a[2], lit[0]), {}
     if op == "rms_norm":
         return torch.ops.fusion.rms_norm.default, (a[0], a[1], lit[0]), {}
+    if op in _LAYOUT:
+        return _LAYOUT[op], (a[0], list(lit[0]) if isinstance(lit[0], tuple) else lit[0]), {}
+    if op == "clone":
+        return aten.clone.default, (a[0],), {}
+    if op == "where":
+        if not isinstance(a[1], Node):
+            return aten.where.ScalarSelf, tuple(a), {}
+        return (aten.where.ScalarOther if not isinstance(a[2], Node) else aten.where.self), tuple(a), {}
+    if op == "attention":
+        return torch.ops.fusion.attention.default, (a[0], a[1], a[2], a[3], float(lit[0]), bool(lit[1])), {}
+    if op in LOGICAL:
+        raise RewriteError("rebuild", f"logical op {op!r} was extracted (its cost must keep it out)")
     raise RewriteError("rebuild", f"no FX form for e-graph op {op!r}")
 
 
@@ -77,6 +92,8 @@ def original_enodes(ex: EGraphExport, ins: Inserted) -> dict[Node, int]:
             return ("c", leaf_cls[("scalar", a.value)])
         if a is ABSENT:
             return ("c", leaf_cls[("none",)])
+        if isinstance(a, Shape):
+            return ("l", tuple(a.dims))
         return ("l", a)
 
     out: dict[Node, int] = {}

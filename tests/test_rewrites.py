@@ -244,6 +244,91 @@ def test_silu(first):
     check(Fn(fn), SHAPES if first else ONE, {"silu": 1})
 
 
+@pytest.mark.parametrize("name,fn", [
+    ("div", lambda m, x: x / (1 + torch.exp(-x))),
+    ("times_reciprocal", lambda m, x: x * (1 / (1 + torch.exp(-x)))),
+])
+def test_silu_from_exp(name, fn):
+    check(Fn(fn), SHAPES if name == "div" else ONE, {"silu": 1})
+
+
+def test_silu_of_another_tensor_is_not_silu():
+    check(Fn(lambda m, x: x / (1 + torch.exp(-(x * 2.0)))), ONE, {"silu": 0})
+
+
+# ---- reduction normal forms: sum/N = mean, keepdim=False + unsqueeze/view ---------------------------
+
+
+@pytest.mark.parametrize("name,fn,op", [
+    ("ln_sum_over_n", lambda m, x: (x - x.sum(-1, keepdim=True) / x.shape[-1])
+        / torch.sqrt(((x - x.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + 1e-5), "layer_norm"),
+    ("rms_unsqueeze", lambda m, x: x * torch.rsqrt(x.pow(2).mean(-1).unsqueeze(-1) + 1e-6), "rms_norm"),
+    ("rms_sum_over_n", lambda m, x: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / x.shape[-1] + 1e-6), "rms_norm"),
+    ("softmax_unsqueeze", lambda m, x: torch.exp(x) / torch.exp(x).sum(-1).unsqueeze(-1), "softmax"),
+    ("softmax_view", lambda m, x: torch.exp(x) / torch.exp(x).sum(-1).view(*x.shape[:-1], 1), "softmax"),
+    ("log_softmax_expanded", lambda m, x: x - x.amax(-1, keepdim=True)
+        - torch.log(torch.exp(x - x.amax(-1, keepdim=True)).sum(-1, keepdim=True)), "log_softmax"),
+])
+def test_reduction_normal_forms(name, fn, op):
+    check(Fn(fn), SHAPES if name == "rms_unsqueeze" else ONE, {op: 1})
+
+
+def test_sum_over_wrong_n_is_not_mean():
+    f = lambda m, x: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / (x.shape[-1] + 1) + 1e-6)
+    check(Fn(f), ONE, {"rms_norm": 0})
+
+
+def test_unsqueeze_at_another_dim_is_not_keepdim():
+    f = lambda m, x: torch.exp(x) / torch.exp(x).sum(-1).unsqueeze(0).transpose(0, -1).reshape(x.shape[:-1] + (1,))
+    check(Fn(f), [(4, 8)], {"softmax": 0})
+
+
+# ---- norms with casts (HF LlamaRMSNorm / T5LayerNorm in bf16), T5 ---------------------------------
+
+
+def _t5_layer_norm(w, x):
+    """transformers' T5LayerNorm: no mean subtraction (an RMSNorm), variance in fp32."""
+    var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(var + 1e-6)
+    return w * (h.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_norms_with_casts(name, dtype):
+    """fp32: the casts are no-ops and vanish at export; bf16: they are real, and the rule fuses the fp32
+    computation between them (rms_norm in fp32), leaving the casts: exact by construction."""
+    torch.manual_seed(0)
+    fn = _hf_llama_rms_norm if name == "llama" else _t5_layer_norm
+    m = Fn(lambda m, x: fn(m.w, x), 16, True).to(dtype)
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    gm, args = capture(m, x)
+    r = rewrite(gm, Config())
+    norms = [n for n in r.gm.graph.nodes if n.target is FUSED["rms_norm"]]
+    want = 1 if name == "llama" or dtype == torch.float32 else 0   # T5 multiplies bf16 x by an fp32 rsqrt
+    assert len(norms) == want, r.gm.graph
+    if norms:
+        assert norms[0].meta["val"].dtype == torch.float32
+    with torch.no_grad():
+        out, ref = r.gm(*args)[0], m(x)
+    assert out.dtype == ref.dtype and torch.equal(out, ref) or rel_err(out, ref) < 1e-6
+
+
+# ---- linear with the bias added after the views of a 3-D matmul, then GELU -------------------------
+
+
+def test_gelu_on_bias_after_3d_matmul_views():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
+
+        def forward(self, x):
+            u = x @ self.w + self.b
+            return 0.5 * u * (1 + torch.erf(u / math.sqrt(2.0)))
+    check(M(), [(2, 3, 8), (1, 1, 8)], {"gelu": 1, "addmm": 1, "mm": 0})
+
+
 # ---- composition, config, errors -------------------------------------------------------------------
 
 

@@ -12,7 +12,18 @@ from collections.abc import Iterable
 
 from egglog import RewriteOrRule, f64, rewrite, ruleset
 
-from rewrites.egraph import Tensor, c, erf, gelu, sigmoid, silu, tanh
+from rewrites.egraph import (
+    Tensor,
+    c,
+    erf,
+    exp,
+    gelu,
+    reciprocal,
+    sigmoid,
+    silu,
+    tanh,
+    unary,
+)
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)           # 0.7071067811865476
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608028654
@@ -30,3 +41,5 @@ def gelu_rules(x: Tensor, k: f64) -> Iterable[RewriteOrRule]:
 @ruleset
 def silu_rules(x: Tensor) -> Iterable[RewriteOrRule]:
     yield rewrite(x * sigmoid(x)).to(silu(x))                                          # x*sigmoid(x) = silu(x)
+    yield rewrite(x / (exp(unary("neg", x)) + c(1.0))).to(silu(x))                     # x/(1+e^-x) = silu(x)  (x*(1/(1+e^-x)) via algebra)
+    yield rewrite(reciprocal(exp(unary("neg", x)) + c(1.0))).to(sigmoid(x))            # 1/(1+e^-x) = sigmoid(x)

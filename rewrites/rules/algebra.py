@@ -13,13 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from egglog import RewriteOrRule, Vec, eq, f64, i64, ne, rewrite, ruleset
+from egglog import Bool, RewriteOrRule, String, Vec, eq, f64, i64, ne, rewrite, ruleset
 
-from rewrites.egraph import Tensor, c, reciprocal, rsqrt, shape, sqrt
+from rewrites.egraph import (
+    Tensor,
+    c,
+    reciprocal,
+    reduce,
+    rsqrt,
+    shape,
+    sqrt,
+    unsqueeze,
+    variance,
+    view,
+)
+
+#: |k*N - 1| below this: `sum(x)*k` is `mean(x)` (1/N rounded to f64, far inside fp32 rounding)
+MEAN_TOL = 1e-12
 
 
 @ruleset
-def algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterable[RewriteOrRule]:
+def scalar_algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterable[RewriteOrRule]:
     def tensor(t: Tensor):  # t has rank >= 1, so it is not a Python scalar
         return eq(shape(t)).to(s), s.length() > i64(0)
 
@@ -37,3 +51,21 @@ def algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterable[Rewr
     yield rewrite(x * x).to(x ** f64(2.0))                         # x*x -> x^2
     yield rewrite((x ** k) * x).to(x ** (k + f64(1.0)))            # x^k*x -> x^(k+1)
     yield rewrite(x * (x ** k)).to(x ** (k + f64(1.0)))            # x*x^k -> x^(k+1)
+
+
+@ruleset
+def reductions(x: Tensor, op: String, d: i64, k: f64, e: f64, s: Vec[i64], t: Vec[i64], kd: Bool) -> Iterable[RewriteOrRule]:
+    """Reduction normal forms: keepdim=True, and `mean` for sum/N."""
+    drop, keep = Bool(False), Bool(True)
+    yield rewrite(reduce("sum", x, d, kd) * c(k)).to(
+        reduce("mean", x, d, kd), eq(shape(x)).to(s), s[d] > i64(0),
+        abs(k * f64.from_i64(s[d]) - f64(1.0)) < f64(MEAN_TOL))                  # sum(x)/N -> mean(x)
+    yield rewrite(unsqueeze(reduce(op, x, d, drop), d)).to(reduce(op, x, d, keep))      # unsqueeze(r(x), d) -> r(x, keepdim)
+    yield rewrite(unsqueeze(variance(x, d, e, drop), d)).to(variance(x, d, e, keep))    # same for the variance
+    yield rewrite(view(reduce(op, x, d, drop), t)).to(
+        reduce(op, x, d, keep), eq(shape(x)).to(s), eq(t).to(s.set(d, i64(1))))        # view(r(x), keepdim shape) -> r(x, keepdim)
+    yield rewrite(view(variance(x, d, e, drop), t)).to(
+        variance(x, d, e, keep), eq(shape(x)).to(s), eq(t).to(s.set(d, i64(1))))     # same for the variance
+
+
+algebra = scalar_algebra | reductions

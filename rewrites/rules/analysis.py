@@ -17,19 +17,30 @@ from egglog import Bool, RewriteOrRule, String, Vec, eq, f64, i64, rule, ruleset
 from rewrites.egraph import (
     Tensor,
     addmm,
+    attention,
     bmm,
+    clone,
     dtype,
+    expand,
     gelu,
     layer_norm,
     log_softmax,
+    matmul,
     mm,
+    permute,
     reduce,
+    repeat_kv,
+    reshape_,
     rms_norm,
     shape,
     silu,
     softmax,
+    transpose_,
     unary,
+    unsqueeze,
     variance,
+    view,
+    where,
 )
 
 SCALAR_SHAPE = Vec[i64].empty()
@@ -42,7 +53,7 @@ def _binary(x: Tensor, y: Tensor) -> list[Tensor]:
 @ruleset
 def shape_rules(
     x: Tensor, y: Tensor, z: Tensor, s: Vec[i64], t: Vec[i64], op: String, d: i64, k: f64, e: f64,
-    a: String,
+    a: String, w: Tensor, flag: Bool,
 ) -> Iterable[RewriteOrRule]:
     yield rule(Tensor.scalar(k)).then(set_(shape(Tensor.scalar(k))).to(SCALAR_SHAPE))  # a Python scalar has rank 0
     for b in _binary(x, y):
@@ -62,20 +73,42 @@ def shape_rules(
         set_(shape(bmm(x, y))).to(Vec[i64](s[0], s[1], t[2])))                                      # [b,m,k]@[b,k,n] : [b,m,n]
     yield rule(addmm(z, x, y), eq(shape(x)).to(s), eq(shape(y)).to(t)).then(
         set_(shape(addmm(z, x, y))).to(Vec[i64](s[0], t[1])))
-    for f in (softmax(x, d), log_softmax(x, d), gelu(x, a), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e)):
+    for f in (softmax(x, d), log_softmax(x, d), gelu(x, a), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e), clone(x)):
         yield rule(f, eq(shape(x)).to(s)).then(set_(shape(f)).to(s))                               # fused ops keep x's shape
+    for f in (view(x, s), expand(x, s), reshape_(x, s)):
+        yield rule(f).then(set_(shape(f)).to(s))                                                   # views carry their shape
+    for r in (3, 4):  # logical ops of attention, rank 3 and 4 only (no rule builds others)
+        last, prev = i64(r - 1), i64(r - 2)
+        rank_r = (eq(shape(x)).to(s), eq(s.length()).to(i64(r)))
+        yield rule(transpose_(x), *rank_r).then(
+            set_(shape(transpose_(x))).to(s.set(last, s[prev]).set(prev, s[last])))                # [.., m, n]^T : [.., n, m]
+        yield rule(matmul(x, y), *rank_r, eq(shape(y)).to(t)).then(
+            set_(shape(matmul(x, y))).to(s.set(last, t[last])))                                     # [.., m, k]@[.., k, n] : [.., m, n]
+        yield rule(attention(x, y, z, w, e, flag), *rank_r, eq(shape(z)).to(t)).then(
+            set_(shape(attention(x, y, z, w, e, flag))).to(s.set(last, t[last])))                      # q [.., S, D], v [.., L, Dv] : [.., S, Dv]
+    for wh in (where(x, Tensor.scalar(k), y), where(x, y, Tensor.scalar(k))):   # an additive mask built from a bool one
+        yield rule(wh, eq(shape(x)).to(s), eq(shape(y)).to(SCALAR_SHAPE)).then(set_(shape(wh)).to(s))
+    yield rule(where(x, y, z), eq(shape(x)).to(s), eq(shape(y)).to(s), eq(shape(z)).to(s)).then(
+        set_(shape(where(x, y, z))).to(s))
+    yield rule(repeat_kv(x, d), eq(shape(x)).to(s), eq(s.length()).to(i64(4))).then(
+        set_(shape(repeat_kv(x, d))).to(s.set(i64(1), s[1] * d)))                                  # [B, H, L, D] : [B, H*g, L, D]
 
 
 @ruleset
-def dtype_rules(x: Tensor, y: Tensor, z: Tensor, op: String, d: i64, k: f64, e: f64, a: String, b: Bool) -> Iterable[RewriteOrRule]:
+def dtype_rules(x: Tensor, y: Tensor, z: Tensor, w: Tensor, op: String, d: i64, k: f64, e: f64, a: String, b: Bool,
+                s: Vec[i64]) -> Iterable[RewriteOrRule]:
     for bx in _binary(x, y):
         yield rule(bx, eq(dtype(x)).to(a), eq(dtype(y)).to(a)).then(set_(dtype(bx)).to(a))          # same dtypes
     for bx in _binary(x, Tensor.scalar(k)):
         yield rule(bx, eq(dtype(x)).to(a)).then(set_(dtype(bx)).to(a))                             # a scalar keeps the dtype
     for f in (x ** k, unary(op, x), reduce(op, x, d, b), variance(x, d, e, b), mm(x, y), bmm(x, y),
-              softmax(x, d), log_softmax(x, d), gelu(x, op), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e)):
+              softmax(x, d), log_softmax(x, d), gelu(x, op), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e),
+              view(x, s), expand(x, s), permute(x, s), unsqueeze(x, d), clone(x), reshape_(x, s), transpose_(x),
+              matmul(x, y), repeat_kv(x, d), attention(x, y, z, w, k, b)):
         yield rule(f, eq(dtype(x)).to(a)).then(set_(dtype(f)).to(a))                               # dtype of x
     yield rule(addmm(z, x, y), eq(dtype(x)).to(a)).then(set_(dtype(addmm(z, x, y))).to(a))
+    for wh in (where(z, x, Tensor.scalar(k)), where(z, Tensor.scalar(k), x), where(z, x, y)):
+        yield rule(wh, eq(dtype(x)).to(a)).then(set_(dtype(wh)).to(a))                             # dtype of the value operand
 
 
 analysis = shape_rules | dtype_rules
