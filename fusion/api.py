@@ -50,7 +50,12 @@ class OptimizedModule(torch.nn.Module):
     def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict) -> None:
         self.capture_method = "torch.export"
         accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
-        graph = compile_graph(captured.gm, self.config, label="forward")
+        weights = flat = None
+        if self.config.approximate:  # the accuracy guard runs the program on the example inputs
+            from fusion.approx import bind
+
+            weights, flat = bind(self.original, captured, args)
+        graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat)
         if not self._variants:
             self._captured, self._accessors = captured, accessors
             self.graphs = [graph]

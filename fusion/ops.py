@@ -59,9 +59,41 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
     (aligned to the top-left, as in SDPA). On CPU this runs PyTorch's fused SDPA kernel.
     """
     enable_gqa = k.shape[-3] != q.shape[-3]
+    if mask is not None and mask.dim() < 2:
+        mask = mask.unsqueeze(0)  # SDPA's CPU kernel wants the mask at least 2-D
+    if mask is not None and is_causal_mask(mask, q.shape[-2], k.shape[-2]):
+        mask, causal = None, True  # the same function, and the kernel skips the masked half
+    if causal and mask is not None:
+        return _attention_masked_causal(q, k, v, mask, scale, enable_gqa)
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=enable_gqa
-    ) if not (causal and mask is not None) else _attention_masked_causal(q, k, v, mask, scale, enable_gqa)
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+_TRIL: dict = {}
+
+
+def is_causal_mask(mask: Tensor, S: int, L: int) -> bool:
+    """True when `mask` is exactly the top-left causal mask, broadcast over every leading dim: boolean
+    tril, or additive with 0 where j <= i and below -1e30 (dtype min or -inf) where j > i. Then
+    softmax(s + mask) == softmax over j <= i exactly, so SDPA's causal path computes the same function.
+    Model code (HF GPT-2, LLaMA) builds this mask from aranges at run time, so it is checked here, on
+    the values: three passes over an S x L mask, tiny next to the attention it lets us halve."""
+    if mask.shape[-2:] != (S, L) or mask.numel() != S * L or S == 1:
+        return False
+    m = mask.reshape(S, L)
+    key = (S, L, m.device)
+    if key not in _TRIL:
+        tril = torch.ones(S, L, dtype=torch.bool, device=m.device).tril()
+        _TRIL[key] = (tril, ~tril)
+        if len(_TRIL) > 16:
+            _TRIL.pop(next(iter(_TRIL)))
+    tril, above = _TRIL[key]
+    if m.dtype == torch.bool:
+        return torch.equal(m, tril)
+    if not m.is_floating_point():
+        return False
+    return torch.equal(m == 0, tril) and torch.equal(m < -1e30, above)
 
 
 def _attention_masked_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, gqa: bool) -> Tensor:

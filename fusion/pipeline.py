@@ -42,6 +42,7 @@ class CompileLog:
     rewrite_stats: dict = field(default_factory=dict)
     kernels: list = field(default_factory=list)       # lower.KernelInfo
     fallbacks: list[str] = field(default_factory=list)
+    approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         t0 = time.perf_counter()
@@ -106,8 +107,13 @@ class CompiledGraph:
         return self.gm.code
 
 
-def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None) -> CompiledGraph:
-    """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels."""
+def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None,
+                  weights: dict | None = None, example_args: list | None = None) -> CompiledGraph:
+    """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels.
+
+    `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
+    needed only by the approximate stage, which measures accuracy and converts weights in place.
+    """
     log = CompileLog(label, num_nodes=len(gm.graph.nodes))
     original = gm
     hw = hw if hw is not None else hardware(config)
@@ -115,12 +121,22 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
     gm = log.run("normalize", normalize, gm, config=config, fallback=gm)
 
     if config.rewrites:
-        result = log.run("rewrite", _rewrite, gm, config, hw, config=config, fallback=None)
+        exact = config
+        if "relu_attention" in config.approximate:  # keep softmax visible to the approximate rule
+            exact = config.replace(disable_rules=config.disable_rules | {"attention"})
+        result = log.run("rewrite", _rewrite, gm, exact, hw, config=config, fallback=None)
         if result is not None:
             gm = result.gm
             log.fired = result.fired
             log.rewrite_stats = result.stats
     rewritten = gm
+
+    if config.approximate and weights is not None and example_args is not None:
+        approx = log.run("approximate", _approximate, gm, config, weights, example_args, config=config, fallback=None)
+        if approx is not None:
+            # weights are now int8/bf16 in place: the exact graphs are no longer valid fallbacks
+            gm = rewritten = original = approx.gm
+            log.approx = approx
 
     if config.codegen != "aten":
         lowered = log.run("lower", _lower, gm, config, hw, config=config, fallback=None)
@@ -178,6 +194,12 @@ def _jsonable(d: dict) -> dict:
         except (TypeError, ValueError):
             out[k] = str(v)
     return out
+
+
+def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list) -> Any:
+    from fusion.approx import apply_approximations
+
+    return apply_approximations(gm, config, weights, example_args)
 
 
 def _lower(gm: fx.GraphModule, config: Config, hw: Any) -> Any:

@@ -57,9 +57,12 @@ def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: floa
     if log.fired:
         for rule, nodes in sorted(log.fired.items()):
             shown = ", ".join(nodes[:8]) + (f", ... ({len(nodes)} nodes)" if len(nodes) > 8 else "")
-            lines.append(f"  {rule:<24} x{len(nodes):<4} on {shown}")
+            lines.append(f"  {rule:<24} replaced {len(nodes):>4} nodes: {shown}")
     else:
         lines.append("  (none)")
+    if log.approx is not None:
+        lines += ["", "approximate rewrites (opt-in; relu_attention is exact only for models trained with it):",
+                  "  " + log.approx.summary().replace("\n", "\n  ")]
     lines += ["", "kernels:"]
     hw = _hw(compiled.config) if log.kernels else None
     for k in log.kernels:

@@ -80,7 +80,7 @@ def test_explain_lists_each_rule_with_its_count(optimized):
     fired = opt.graphs[0].log.fired
     assert RULES[name] <= set(fired), fired
     for rule, nodes in fired.items():
-        assert re.search(rf"^\s+{rule}\s+x{len(nodes)}\s", text, re.MULTILINE), f"{rule} x{len(nodes)} not in\n{text}"
+        assert re.search(rf"^\s+{rule}\s+replaced\s+{len(nodes)}\s+nodes", text, re.MULTILINE), f"{rule} ({len(nodes)} nodes) not in\n{text}"
 
 
 def test_llama_attention_is_grouped_query(optimized):

@@ -224,3 +224,22 @@ def test_disable_attention_family():
 def test_bf16_attention_matches_eager_within_bf16():
     q, k, v = (t.bfloat16() for t in qkv(2, 4, 8, 8, 16))
     check(FORMS["mul_scores"], q, k, v, tol=3e-2)
+
+
+def test_runtime_causal_mask_detection_is_exact():
+    """fusion.attention takes SDPA's causal path only when the mask is exactly causal; results agree."""
+    import fusion.ops as ops
+
+    torch.manual_seed(0)
+    S, L = 9, 9
+    q, k, v = torch.randn(2, 3, S, 8), torch.randn(2, 3, L, 8), torch.randn(2, 3, L, 8)
+    tril = torch.ones(S, L, dtype=torch.bool).tril()
+    additive = torch.zeros(1, 1, S, L).masked_fill(~tril, torch.finfo(torch.float32).min)
+    padded = additive.clone()
+    padded[..., 3, 1] = float("-inf")  # causal AND padding: not a pure causal mask
+    assert ops.is_causal_mask(additive, S, L) and ops.is_causal_mask(tril, S, L)
+    assert not ops.is_causal_mask(padded, S, L) and not ops.is_causal_mask(additive.expand(2, 1, S, L), S, L)
+    for mask in (additive, tril, padded):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        got = torch.ops.fusion.attention(q, k, v, mask, 0.3, False)
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5

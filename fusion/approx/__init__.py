@@ -1,0 +1,449 @@
+"""Approximate rewrites: opt-in (``Config.approximate``), measured, guarded, reverted when harmful.
+
+    result = apply_approximations(gm, config, weights, example_args)
+
+runs after the exact rewrite stage and before lowering, only when ``config.approximate`` is non-empty.
+``gm`` is a fusion-dialect graph; ``weights`` maps weight placeholder name -> the LIVE tensor the caller
+passes for it at every call (the module's own Parameter/buffer objects); ``example_args`` is the full flat
+argument list of ``gm`` (weights included).
+
+Rules (see `rules.py`): ``int8`` (dynamic W8A8 linears through ``torch._int_mm``; weight-only int8 for
+few-row shapes), ``bf16`` (matmuls in bf16, fp32 around them), ``relu_attention`` (softmax over keys ->
+relu(s)/L: exact only for models trained with it).
+
+How it works:
+
+1. Find sites on the exact graph.
+2. Measure: run the exact graph once (fx.Interpreter); at each site's anchor also run the site's
+   replacement on the exact inputs -> the site's *local* error. Then run the approximate program with all
+   sites in its *staged* form: weight transforms (``fusion.quantize_weight_int8(W)``, ``_to_copy(W, bf16)``)
+   are ordinary graph nodes, so the staged program reads the fp32 weights and materialises one layer's
+   converted weight at a time (FX frees it after its last use): peak memory stays fp32 weights + one layer,
+   and the original weights are untouched until the guard is done.
+3. Guard: the error of an output is ``max|a-b| / max|b|`` (also reported: cosine similarity). While the worst
+   output error exceeds ``config.tolerance``, revert the most harmful remaining site — harm is *measured*:
+   the output error of the program with that site alone applied (computed once, lazily, only if the guard
+   trips, for the `MAX_SOLO_MEASUREMENTS` sites of largest local error; others rank after them by local
+   error) — and measure again. Cost: 2 program runs when nothing is reverted; otherwise up to
+   `MAX_SOLO_MEASUREMENTS` + one per revert.
+4. Commit: fold every weight transform whose placeholder feeds only transforms of one kind, converting the
+   LIVE weight tensor IN PLACE, layer by layer (``t.data = converted``; the fp32 storage is freed as soon as
+   it is converted, when nothing else holds it): int8 weights (same shape, dtype int8) keep their
+   placeholder; their per-channel scales (N floats) become small buffers on the returned GraphModule read
+   with ``get_attr`` (named ``_approx_scale_<placeholder>``); bf16 weights keep their placeholder.
+   Placeholder order and names never change; placeholder ``meta["val"]`` is updated to the new dtype.
+
+Consequences the caller must respect (documented contract):
+- after an int8/bf16 commit the live weights ARE int8/bf16: the original module no longer runs eagerly
+  with them, and the *exact* graph is no longer a valid fallback — fall back to ``result.gm`` (it runs
+  eagerly through torch kernels) instead. Parameters converted to int8 get ``requires_grad=False``.
+- the runtime must pass the same tensor objects as ``weights`` (binding by name, as `OptimizedModule`
+  does); ``fusion.int8_linear`` raises a clear error if it is handed a float weight.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from fusion.approx import ops as approx_ops
+from fusion.approx.rules import RELU_NOTE, Emitter, Site, find_sites  # noqa: F401 (RELU_NOTE re-exported)
+from fusion.config import Config
+
+#: when the guard trips, the output error of each site alone is measured (one program run each) for at most
+#: this many sites, those with the largest local error; the rest are ordered by local error after them
+MAX_SOLO_MEASUREMENTS = 12
+
+__all__ = ["ApproxSite", "ApproxResult", "apply_approximations", "optimize_approx", "ApproxModule", "output_errors"]
+
+
+@dataclass
+class ApproxSite:
+    """One place an approximation was considered.
+
+    error:        the site's LOCAL relative error (its replacement vs the exact op, on the exact program's own
+                  inputs to it; max|a-b|/max|b|), measured on the example inputs. None if not measured.
+    output_error: the program's output error with this site ALONE applied (measured only when the guard
+                  had to revert something; it is the harm that orders reverts).
+    reverted:     True if the guard undid it (the exact op runs there).
+    """
+
+    name: str
+    kind: str            # "int8" | "int8_weight_only" | "bf16" | "relu_attention"
+    nodes: list[str]     # nodes of the input graph it replaces (anchor first, then its weight path)
+    error: Optional[float]
+    reverted: bool
+    note: str
+    output_error: Optional[float] = None
+    weight: Optional[str] = None
+
+
+@dataclass
+class ApproxResult:
+    """gm: the approximate graph (committed: weights converted in place); sites: every site considered.
+
+    exact_error:  output error with ALL candidate sites applied, before the guard reverted any
+                  (vs the exact graph on the example inputs; 0.0 when nothing applied).
+    final_error:  output error of the returned program (<= tolerance unless nothing could be kept).
+    final_cosine: the smallest cosine similarity over the outputs of the returned program.
+    """
+
+    gm: fx.GraphModule
+    sites: list[ApproxSite]
+    exact_error: float
+    final_error: float
+    final_cosine: float = 1.0
+    tolerance: float = 0.0
+    seconds: float = 0.0
+    converted: dict[str, str] = field(default_factory=dict)   # placeholder -> new dtype ("int8"/"bf16")
+
+    @property
+    def applied(self) -> list[ApproxSite]:
+        return [s for s in self.sites if not s.reverted]
+
+    def summary(self) -> str:
+        lines = [f"approximations: {len(self.applied)}/{len(self.sites)} sites kept; error with all sites "
+                 f"{self.exact_error:.3g}, final {self.final_error:.3g} (tolerance {self.tolerance:g}), "
+                 f"min cosine {self.final_cosine:.6f}; {self.seconds:.1f} s"]
+        for s in self.sites:
+            e = "-" if s.error is None else f"{s.error:.2e}"
+            oe = "" if s.output_error is None else f" output_error={s.output_error:.2e}"
+            lines.append(f"  {'REVERTED ' if s.reverted else ''}{s.name} [{s.kind}] local_error={e}{oe}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+def output_errors(outs: Any, refs: Any) -> tuple[float, float]:
+    """(max over float outputs of max|a-b|/max|b|, min over them of cosine similarity)."""
+    err, cos = 0.0, 1.0
+    for a, b in zip(pytree.tree_leaves(outs), pytree.tree_leaves(refs)):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not b.dtype.is_floating_point:
+            continue
+        a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
+        if a64.shape != b64.shape:
+            return math.inf, -1.0
+        if b64.numel() == 0:
+            continue
+        if not torch.isfinite(a64).all() and not torch.equal(torch.isfinite(a64), torch.isfinite(b64)):
+            return math.inf, -1.0
+        fin = torch.isfinite(b64)
+        a64, b64 = a64[fin], b64[fin]
+        den = b64.abs().max().clamp_min(1e-30)
+        err = max(err, ((a64 - b64).abs().max() / den).item() if b64.numel() else 0.0)
+        na, nb = a64.norm(), b64.norm()
+        c = 1.0 if (na == 0 and nb == 0) else (a64 @ b64 / (na * nb).clamp_min(1e-300)).item()
+        cos = min(cos, c)
+    return err, cos
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return output_errors(a, b)[0]
+
+
+def _fake_mode(gm: fx.GraphModule) -> Any:
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+
+
+def _copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node]]:
+    import copy
+
+    g = fx.Graph()
+    vm: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, vm)
+    old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    new_out = g.output(out)
+    new_out.meta = dict(old_out.meta)
+    g._codegen = copy.deepcopy(gm.graph._codegen)
+    return g, {n.name: vm[n] for n in gm.graph.nodes if n in vm}
+
+
+def build(gm: fx.GraphModule, sites: Sequence[Site], fake_mode: Any = None) -> fx.GraphModule:
+    """A new GraphModule: `gm` with `sites` applied in staged form (weight transforms as graph nodes)."""
+    if fake_mode is None:
+        fake_mode = _fake_mode(gm)
+    g, by_name = _copy_graph(gm)
+    replaced: dict[str, fx.Node] = {}
+    for s in sites:
+        anchor = by_name[s.anchor]
+        ins = [replaced.get(i, by_name[i]) for i in s.inputs]
+        with g.inserting_before(anchor):
+            out = s.emit(Emitter(g, fake_mode), ins)
+        out.meta.setdefault("approx_site", s.name)
+        anchor.replace_all_uses_with(out)
+        replaced[s.anchor] = out
+        g.erase_node(anchor)
+    g.eliminate_dead_code()
+    g.lint()
+    new = fx.GraphModule(gm, g, class_name=type(gm).__name__)
+    return new
+
+
+def _mini(site: Site, gm: fx.GraphModule, fake_mode: Any) -> fx.GraphModule:
+    """A graph that computes just the site's replacement from its inputs."""
+    g = fx.Graph()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ins = []
+    for name in site.inputs:
+        p = g.placeholder(name)
+        p.meta = dict(nodes[name].meta)
+        ins.append(p)
+    g.output(site.emit(Emitter(g, fake_mode), ins))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+class _LocalErrors(fx.Interpreter):
+    """Runs the exact graph; at each site anchor also runs the site's replacement on the same inputs."""
+
+    def __init__(self, gm: fx.GraphModule, sites: Sequence[Site], fake_mode: Any, args: Sequence[Any]):
+        super().__init__(gm)
+        self.by_anchor = {s.anchor: s for s in sites}
+        self.minis = {s.name: _mini(s, gm, fake_mode) for s in sites}
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.placeholder_vals = {p.name: a for p, a in zip(phs, args)}
+        self.local: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        s = self.by_anchor.get(n.name)
+        if s is not None:
+            try:
+                ins = [self.placeholder_vals[i] if i in self.placeholder_vals else self.env[self.nodes[i]]
+                       for i in s.inputs]
+                with torch.no_grad():
+                    self.local[s.name] = _rel(self.minis[s.name](*ins), out)
+            except Exception:  # noqa: BLE001 - a site we cannot measure locally is judged by the outputs
+                pass
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# committing: weights converted in place
+
+
+def convert_weight_(t: torch.Tensor, tag: str, kn: bool = False) -> Optional[torch.Tensor]:
+    """Convert the live weight `t` in place (its storage replaced; the fp32 one freed if nothing else holds
+    it). int8: returns the per-channel scales (fp32 [N]); bf16: returns None."""
+    if t.requires_grad:
+        t.requires_grad_(False)
+    if tag == "int8":
+        q, s = approx_ops._quantize_weight(t, kn)
+        t.data = q
+        return s
+    if tag == "bf16":
+        t.data = t.detach().to(torch.bfloat16)
+        return None
+    raise ValueError(tag)
+
+
+def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any = None) -> dict[str, str]:
+    """Fold the weight transforms of a staged approximate graph: convert weights in place, layer by layer.
+
+    A transform is folded only if its placeholder feeds nothing but transforms of the same kind and
+    arguments (otherwise it stays in the graph and runs per call: correct, slower). Returns
+    {placeholder: new dtype}."""
+    fake_mode = fake_mode if fake_mode is not None else _fake_mode(gm)
+    g = gm.graph
+    converted: dict[str, str] = {}
+    for node in list(g.nodes):
+        if node.graph is None or node.op != "call_function":
+            continue
+        tag = node.meta.get("approx_weight_transform")
+        if tag is None or node.args[0].op != "placeholder" or node.args[0].name not in weights:
+            continue
+        w = node.args[0]
+        if w.name in converted:
+            continue
+        users = list(w.users)
+        if not all(u.meta.get("approx_weight_transform") == tag and u.target is node.target
+                   and u.args[1:] == node.args[1:] and u.kwargs == node.kwargs for u in users):
+            continue
+        live = weights[w.name]
+        if tag == "int8":
+            scale = convert_weight_(live, "int8", kn=bool(node.args[1]))
+            attr = f"_approx_scale_{w.name}"
+            gm.register_buffer(attr, scale)
+            with g.inserting_before(users[0]):
+                ga = g.get_attr(attr)
+            if fake_mode is not None:
+                ga.meta["val"] = fake_mode.from_tensor(scale)
+            for u in users:
+                for gi in list(u.users):
+                    assert gi.target is operator.getitem
+                    gi.replace_all_uses_with(w if gi.args[1] == 0 else ga)
+                    g.erase_node(gi)
+                g.erase_node(u)
+        else:
+            convert_weight_(live, "bf16")
+            for u in users:
+                u.replace_all_uses_with(w)
+                g.erase_node(u)
+        if fake_mode is not None:
+            with fake_mode:
+                w.meta["val"] = torch.empty_strided(tuple(live.shape), tuple(live.stride()), dtype=live.dtype)
+        converted[w.name] = tag
+    g.lint()
+    gm.recompile()
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+
+
+def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, torch.Tensor],
+                         example_args: Sequence[Any], *, metric: Optional[Callable[[Any, Any], tuple[float, float]]] = None
+                         ) -> ApproxResult:
+    """Apply the approximations named in ``config.approximate`` to ``gm``; guard them with
+    ``config.tolerance``; convert weights in place. See the module docstring for the contract.
+
+    metric: (approx outputs, exact outputs) -> (error, cosine); default `output_errors` (every float output,
+    max|a-b|/max|b|). Pass one when only part of the outputs matters (e.g. padding positions do not).
+
+    Exact mode (``config.approximate`` empty) returns ``gm`` itself, untouched, with no sites."""
+    t0 = time.perf_counter()
+    kinds = frozenset(config.approximate)
+    tol = float(config.tolerance)
+    if not kinds:
+        return ApproxResult(gm, [], 0.0, 0.0, 1.0, tol, 0.0)
+    fake_mode = _fake_mode(gm)
+    sites = find_sites(gm, weights, kinds)
+    if not sites:
+        return ApproxResult(gm, [], 0.0, 0.0, 1.0, tol, time.perf_counter() - t0)
+    args = list(example_args)
+    compare = metric or output_errors
+
+    with torch.no_grad():
+        interp = _LocalErrors(gm, sites, fake_mode, args)
+        ref = interp.run(*args)
+        local = interp.local
+
+        def measure(active: Sequence[Site]) -> tuple[float, float]:
+            if not active:
+                return 0.0, 1.0
+            return compare(build(gm, active, fake_mode)(*args), ref)
+
+        active = list(sites)
+        err, cos = measure(active)
+        all_err = err
+        solo: dict[str, float] = {}
+        reverted: set[str] = set()
+        downgraded: dict[str, Site] = {}
+        while err > tol and active:
+            if not solo:  # measured harm: the output error of a site alone (the most suspicious ones)
+                suspects = sorted(active, key=lambda s: -local.get(s.name, math.inf))[:MAX_SOLO_MEASUREMENTS]
+                solo = {s.name: measure([s])[0] for s in suspects}
+            worst = max(active, key=lambda s: (solo.get(s.name, -1.0), local.get(s.name, math.inf)))
+            i = active.index(worst)
+            reverted.add(worst.name)
+            if worst.fallback is not None:   # e.g. W8A8 -> weight-only int8 before the exact op
+                fb = worst.fallback
+                active[i] = fb
+                downgraded[worst.name] = fb
+                solo[fb.name] = measure([fb])[0]   # (its local error is not measured: one run less)
+            else:
+                active.pop(i)
+            err, cos = measure(active)
+
+        converted: dict[str, str] = {}
+        if active:
+            final = build(gm, active, fake_mode)
+            converted = commit(final, weights, fake_mode)
+        else:
+            final = gm
+
+    out_sites = []
+    for s in sites:
+        chain = [s]
+        while chain[-1].name in downgraded:
+            chain.append(downgraded[chain[-1].name])
+        for j, c in enumerate(chain):
+            why = ""
+            if c.name in reverted:
+                why = ("; replaced by its fallback " + chain[j + 1].kind) if j + 1 < len(chain) else \
+                    "; reverted by the accuracy guard (the exact op runs)"
+            elif j > 0:
+                why = f"; fallback chosen by the accuracy guard for {s.kind}"
+            out_sites.append(ApproxSite(c.name, c.kind, list(c.nodes), local.get(c.name), c.name in reverted,
+                                        c.note + why, solo.get(c.name), c.weight))
+    return ApproxResult(final, out_sites, all_err, err, cos, tol, time.perf_counter() - t0, converted)
+
+
+# ----------------------------------------------------------------------------------------------
+# standalone use (until the driver calls the pass; also handy in notebooks and benchmarks)
+
+
+class ApproxModule(torch.nn.Module):
+    """Runs an approximated exported graph; weights are looked up BY NAME on the original module per call."""
+
+    def __init__(self, model: torch.nn.Module, captured: Any, result: ApproxResult):
+        super().__init__()
+        self.original = model
+        self.captured = captured
+        self.result = result
+        self.gm = result.gm
+        self._accessors = [_accessor(model, captured, k, n) for k, n in captured.input_bindings]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        user = iter(pytree.tree_leaves((tuple(args), kwargs)))
+        flat = [next(user) if acc is None else acc() for acc in self._accessors]
+        with torch.no_grad():
+            outs = self.gm(*flat)
+        cap = self.captured
+        if cap.buffer_mutations:
+            outs = [o for i, o in enumerate(outs) if i not in cap.buffer_mutations]
+        return pytree.tree_unflatten(list(outs), cap.program.call_spec.out_spec)
+
+
+def _accessor(model: torch.nn.Module, captured: Any, kind: str, name: str) -> Any:
+    if kind == "user":
+        return None
+    if kind == "constant":
+        value = captured.program.constants[name]
+        return lambda: value
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return lambda: getattr(owner, attr)
+
+
+def bind(model: torch.nn.Module, captured: Any, example_inputs: Sequence[Any]) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """(weights by placeholder name, full flat argument list) for an exported graph of `model`."""
+    phs = [n.name for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    user = iter(pytree.tree_leaves((tuple(example_inputs), {})))
+    weights: dict[str, torch.Tensor] = {}
+    flat: list[Any] = []
+    for ph, (kind, name) in zip(phs, captured.input_bindings):
+        acc = _accessor(model, captured, kind, name)
+        if acc is None:
+            flat.append(next(user))
+        else:
+            t = acc()
+            flat.append(t)
+            if kind in ("param", "buffer") and isinstance(t, torch.Tensor):
+                weights[ph] = t
+    return weights, flat
+
+
+def optimize_approx(model: torch.nn.Module, example_inputs: Sequence[Any], config: Config, *,
+                    metric: Optional[Callable[[Any, Any], tuple[float, float]]] = None) -> ApproxModule:
+    """Capture `model` (torch.export), apply the approximations of `config`, return a runnable module.
+
+    No exact rewrites and no lowering happen here: this is the approximation pass on its own. NOTE: int8 and
+    bf16 convert `model`'s weights in place (the model itself no longer runs eagerly afterwards)."""
+    from fusion.capture import capture_module
+
+    captured = capture_module(model, tuple(example_inputs))
+    weights, flat = bind(model, captured, example_inputs)
+    result = apply_approximations(captured.gm, config, weights, flat, metric=metric)
+    return ApproxModule(model, captured, result)

@@ -1,0 +1,305 @@
+"""Where approximate rewrites apply (sites) and what each one emits.
+
+A `Site` is found on the exact graph; it knows its anchor node (the node whose value it replaces), the
+external input nodes it reads, and how to emit its replacement into any graph (`emit`). The same emitter
+builds (a) the approximate program and (b) a one-site mini graph used to measure the site's local error
+on the exact program's own intermediate values.
+
+Rules (all off unless named in `Config.approximate`):
+
+- ``int8`` — a linear layer: ``mm`` / ``addmm`` / ``bmm`` whose second operand is a weight placeholder seen
+  through ``permute([1,0])`` / ``t`` (nn.Linear, [N,K]) or directly ([K,N], HF Conv1D), possibly broadcast
+  over a batch by ``expand`` + ``view`` (what export makes of a linear on a 3-D non-contiguous input).
+  Emits ``fusion.quantize_weight_int8(W)`` (a *weight transform*, folded away when the approximation is
+  committed: the weight is then converted in place) and ``fusion.int8_linear`` (dynamic W8A8: per-token
+  activation scales, per-channel weight scales, `torch._int_mm`) or, for few rows (decode-like shapes,
+  where activation quantization costs more than it saves), ``fusion.int8_weight_only_linear``.
+- ``bf16`` — any ``mm`` / ``addmm`` / ``bmm`` on fp32: operands cast to bf16 (weights: a weight transform,
+  committed in place), the matmul runs in bf16 (oneDNN AVX512-BF16, fp32 accumulation inside the kernel),
+  the result is cast back to fp32, so everything around it keeps fp32.
+- ``relu_attention`` — ``_softmax(s, -1)`` over the key dim of attention scores (``s`` computed from a
+  ``bmm``/``mm`` through scaling/masking/view ops) becomes ``relu(s) / L`` with ``L`` the key length
+  (Wortsman et al. 2023, "Replacing softmax with ReLU in Vision Transformers"). This CHANGES THE FUNCTION:
+  it is only a valid replacement for models trained with ReLU attention; on a softmax-trained model the
+  accuracy guard measures a large error and reverts it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from fusion.approx import ops as approx_ops  # noqa: F401  (registers torch.ops.fusion.int8_*)
+
+aten = torch.ops.aten
+fusion_ops = torch.ops.fusion
+
+MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+#: int8 variant per site, by measured time on this CPU (2 threads, interleaved medians): dynamic W8A8 through
+#: torch._int_mm is 2-4x faster than fp32 at 4096 rows x (384|1536) and also faster at 8 rows (0.16 ms vs
+#: 0.3 ms fp32), while weight-only int8 is never faster here (aten._weight_int8pack_mm: 7 ms at 8 x 384 x 1536,
+#: and dequantize + fp32 GEMM costs fp32 time plus the dequantization). So every linear starts as W8A8 and
+#: weight-only is its more accurate fallback: when the guard finds a W8A8 site harmful it first downgrades it
+#: to weight-only (activations stay fp32; 4x smaller weights) and only then reverts it to the exact op.
+WEIGHT_ONLY_MAX_ROWS = 0
+#: the int8 variants of a linear site, fastest first; each later one is the guard's more accurate fallback
+#: for the one before ("int8_per_tensor": fbgemm fused dynamic quantization, one activation scale per call,
+#: measured fastest here; "int8": per-token activation scales through torch._int_mm, several eager passes
+#: for quantization/epilogue that a code generator can fuse; "int8_weight_only": fp32 activations).
+INT8_LADDER = ("int8_per_tensor", "int8", "int8_weight_only")
+#: bf16 on an activation x activation matmul pays two input casts and one output cast per call; measured on
+#: this CPU, attention-sized bmms (384 x 128x32x128, 384 x 128x128x32) run ~3x SLOWER that way, so such a
+#: matmul is a bf16 site only when both its reduction and output dims are at least this large
+BF16_MIN_ACT_DIM = 256
+RELU_NOTE = ("ReLU attention (relu(s)/L) replaces softmax: exact only for models TRAINED with ReLU attention; "
+             "on a softmax-trained model it changes the function")
+
+_LAYOUT_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+_SCORE_OPS = {
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+    aten.div.Scalar, aten.where.self, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.expand.default, aten.clone.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+    aten._to_copy.default, aten.permute.default,
+}
+
+
+def val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+# ----------------------------------------------------------------------------------------------
+# emitting nodes with meta["val"]
+
+
+class Emitter:
+    """Creates call_function nodes in `g` and fills meta["val"] by running the op on fake values."""
+
+    def __init__(self, g: fx.Graph, fake_mode: Any):
+        self.g = g
+        self.fake_mode = fake_mode
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        node = self.g.call_function(target, args, kwargs)
+        if self.fake_mode is not None:
+            fa, fk = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+            try:
+                with self.fake_mode:
+                    node.meta["val"] = target(*fa, **fk)
+            except Exception:  # noqa: BLE001 - meta is best effort for ops fake mode cannot run
+                pass
+        return node
+
+
+# ----------------------------------------------------------------------------------------------
+# sites
+
+
+@dataclass
+class Site:
+    name: str
+    kind: str                       # "int8" | "int8_weight_only" | "bf16" | "relu_attention"
+    anchor: str                     # node of the exact graph whose value this site replaces
+    inputs: list[str]               # external input nodes (names in the exact graph)
+    emit: Callable[[Emitter, list[fx.Node]], fx.Node]
+    nodes: list[str] = field(default_factory=list)   # exact-graph nodes replaced (anchor + weight path)
+    weight: Optional[str] = None    # weight placeholder converted by this site, if any
+    note: str = ""
+    flops: int = 0
+    fallback: Optional["Site"] = None   # a more accurate variant the guard tries before reverting
+
+
+def _weight_operand(b: fx.Node, weights: dict[str, torch.Tensor]) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
+    """If matmul operand `b` is a weight matrix seen through layout ops, (placeholder, kn, path nodes).
+
+    kn=False: the placeholder is [N, K] and b = W^T (nn.Linear); kn=True: the placeholder is [K, N] and b = W.
+    """
+    path: list[fx.Node] = []
+    bv = val(b)
+    if bv is None:
+        return None
+    k, n = bv.shape[-2], bv.shape[-1]
+    cur = b
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _LAYOUT_OPS:
+        cv = val(cur.args[0])
+        if cv is None or cv.dim() < 2 or tuple(cv.shape[-2:]) != (k, n):
+            return None
+        if cur.target is aten.expand.default and any(s != 1 for s in cv.shape[:-2]):
+            return None
+        path.append(cur)
+        cur = cur.args[0]
+    if not isinstance(cur, fx.Node) or val(cur) is None or val(cur).dim() != 2:
+        return None
+    if cur.op == "placeholder":
+        w, kn = cur, True
+    elif (cur.op == "call_function" and cur.target in (aten.permute.default, aten.t.default)
+          and isinstance(cur.args[0], fx.Node) and cur.args[0].op == "placeholder"
+          and (cur.target is aten.t.default or list(cur.args[1]) in ([1, 0], [-1, -2], [-1, 0], [1, -2]))):
+        path.append(cur)
+        w, kn = cur.args[0], False
+    else:
+        return None
+    t = weights.get(w.name)
+    if t is None or t.dtype != torch.float32 or t.dim() != 2:
+        return None
+    return w, kn, path
+
+
+def _matmul_parts(node: fx.Node) -> Optional[tuple[Optional[fx.Node], fx.Node, fx.Node]]:
+    """(bias, a, b) of mm/addmm/bmm, or None for forms we do not rewrite (beta/alpha != 1)."""
+    if node.target is aten.addmm.default:
+        if len(node.args) > 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+            return None
+        bias, a, b = node.args[:3]
+        return bias, a, b
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return None, node.args[0], node.args[1]
+
+
+def _is_fp32(n: Any) -> bool:
+    v = val(n)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.float32
+
+
+def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: frozenset[str]) -> list[Site]:
+    """int8 sites on linear layers (when "int8" is asked), bf16 sites on every other fp32 matmul (when "bf16")."""
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in MATMULS or not _is_fp32(node):
+            continue
+        parts = _matmul_parts(node)
+        if parts is None:
+            continue
+        bias, a, b = parts
+        if not (_is_fp32(a) and _is_fp32(b)) or (bias is not None and not _is_fp32(bias)):
+            continue
+        wop = _weight_operand(b, weights)
+        out_v = val(node)
+        rows = out_v.numel() // out_v.shape[-1]
+        k = val(a).shape[-1]
+        flops = 2 * rows * k * out_v.shape[-1]
+        if "int8" in kinds and wop is not None:
+            w, kn, path = wop
+            bias_ok = bias is None or (val(bias).dim() == 1 and val(bias).shape[0] == out_v.shape[-1])
+            ladder = INT8_LADDER if rows > WEIGHT_ONLY_MAX_ROWS else ("int8_weight_only",)
+            chain = [_int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops) for impl in ladder]
+            for s, nxt in zip(chain, chain[1:]):
+                s.fallback = nxt
+            sites.append(chain[0])
+        elif "bf16" in kinds and (wop is not None or min(k, out_v.shape[-1]) >= BF16_MIN_ACT_DIM):
+            sites.append(_bf16_site(node, bias, a, b, wop, flops))
+    return sites
+
+
+def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops) -> Site:
+    op = {"int8_per_tensor": fusion_ops.int8_linear_per_tensor.default, "int8": fusion_ops.int8_linear.default,
+          "int8_weight_only": fusion_ops.int8_weight_only_linear.default}[impl]
+    kind = "int8_weight_only" if impl == "int8_weight_only" else "int8"
+    inputs = [a.name, w.name] + ([bias.name] if bias is not None else [])
+
+    def emit(e: Emitter, ins: list[fx.Node]) -> fx.Node:
+        x, wt = ins[0], ins[1]
+        qt = e(fusion_ops.quantize_weight_int8.default, wt, kn)
+        qt.meta["approx_weight_transform"] = "int8"
+        wq = e(operator.getitem, qt, 0)
+        ws = e(operator.getitem, qt, 1)
+        b = ins[2] if len(ins) > 2 else None
+        y = e(op, x, wq, ws, b if bias_ok else None, kn)
+        if b is not None and not bias_ok:
+            y = e(aten.add.Tensor, y, b)
+        return y
+
+    what = {"int8_per_tensor": "dynamic W8A8 (one activation scale per call, per-channel weight scales; fbgemm "
+                               "quantized.linear_dynamic, fused)",
+            "int8": "dynamic W8A8 (per-token activation scales, per-channel weight scales; torch._int_mm)",
+            "int8_weight_only": "weight-only int8 (few rows: _weight_int8pack_mm; else dequantize + fp32 GEMM)"}[impl]
+    return Site(f"{impl}:{node.name}", kind, node.name, inputs, emit,
+                nodes=[node.name] + [p.name for p in path], weight=w.name,
+                note=f"{what}; weight {w.name} {'[K,N]' if kn else '[N,K]'} converted in place to int8", flops=flops)
+
+
+def _bf16_site(node, bias, a, b, wop, flops) -> Site:
+    target = node.target
+    inputs = ([bias.name] if bias is not None else []) + [a.name]
+    if wop is not None:
+        w, kn, path = wop
+        inputs.append(w.name)
+    else:
+        path = []
+        inputs.append(b.name)
+    layout = [(p.target, p.args[1:], dict(p.kwargs)) for p in reversed(path)]  # root first
+
+    def emit(e: Emitter, ins: list[fx.Node]) -> fx.Node:
+        bf = torch.bfloat16
+        it = iter(ins)
+        bb = e(aten._to_copy.default, next(it), dtype=bf) if bias is not None else None
+        aa = e(aten._to_copy.default, next(it), dtype=bf)
+        bsrc = next(it)
+        cast = e(aten._to_copy.default, bsrc, dtype=bf)
+        if wop is not None:
+            cast.meta["approx_weight_transform"] = "bf16"
+            for tgt, rest, kw in layout:
+                cast = e(tgt, cast, *rest, **kw)
+        y = e(target, bb, aa, cast) if bb is not None else e(target, aa, cast)
+        return e(aten._to_copy.default, y, dtype=torch.float32)
+
+    note = "bf16 matmul (oneDNN AVX512-BF16; fp32 accumulation in the kernel, bf16 output cast back to fp32)"
+    if wop is not None:
+        note += f"; weight {wop[0].name} converted in place to bf16"
+    return Site(f"bf16:{node.name}", "bf16", node.name, inputs, emit,
+                nodes=[node.name] + [p.name for p in path], weight=wop[0].name if wop else None, note=note, flops=flops)
+
+
+def _scores_from_matmul(x: fx.Node, depth: int = 8) -> bool:
+    """Does `x` come from a matmul through scaling / masking / layout ops only (along some path)?"""
+    frontier = [x]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n.op != "call_function":
+                continue
+            if n.target in (aten.bmm.default, aten.mm.default, aten.matmul.default):
+                return True
+            if n.target in _SCORE_OPS:
+                nxt += [a for a in n.args if isinstance(a, fx.Node) and _is_float(a)]
+        frontier = nxt
+    return False
+
+
+def _is_float(n: fx.Node) -> bool:
+    v = val(n)
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def relu_attention_sites(gm: fx.GraphModule) -> list[Site]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten._softmax.default:
+            continue
+        x, dim, half_to_float = node.args
+        xv = val(x)
+        if xv is None or half_to_float or dim not in (-1, xv.dim() - 1) or not _scores_from_matmul(x):
+            continue
+        length = int(xv.shape[-1])
+
+        def emit(e: Emitter, ins: list[fx.Node], length: int = length) -> fx.Node:
+            r = e(aten.relu.default, ins[0])
+            return e(aten.div.Scalar, r, float(length))
+
+        sites.append(Site(f"relu_attention:{node.name}", "relu_attention", node.name, [x.name], emit,
+                          nodes=[node.name], note=f"{RELU_NOTE}; L={length}"))
+    return sites
+
+
+def find_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: frozenset[str]) -> list[Site]:
+    sites: list[Site] = []
+    if "relu_attention" in kinds:
+        sites += relu_attention_sites(gm)
+    if kinds & {"int8", "bf16"}:
+        sites += linear_sites(gm, weights, kinds)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda s: order[s.anchor])
+    return sites
