@@ -114,7 +114,8 @@ def _dim(node: Node, d: Any) -> int | None:
     if not isinstance(d, int) or isinstance(d, bool):
         return None
     rank = _val(node.args[0]).dim()
-    return d + rank if d < 0 else d
+    d = d + rank if d < 0 else d
+    return d if 0 <= d < rank else None  # 0-dim tensors (torch allows dim 0/-1 there) stay leaves
 
 
 def _tensor_or_scalar(a: Any) -> Any:

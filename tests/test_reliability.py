@@ -540,3 +540,18 @@ def test_a_kernel_failing_at_run_time_falls_back_once(warm_cache, monkeypatch):
     assert len(msgs) == 1 and "the run stage failed" in msgs[0], msgs
     for out in outs:
         close(out, fn(*inputs))
+
+
+@pytest.mark.parametrize("fn", [lambda x: torch.sum(x, dim=0, keepdim=True), lambda x: torch.amax(x, dim=-1),
+                                lambda x: x.mean(0)], ids=["sum", "amax", "mean"])
+def test_reductions_of_0dim_tensors_need_no_fallback(fn):
+    """Regression: a 0-dim reduction used to panic inside egglog (caught, but the stage fell back)."""
+    import warnings
+
+    x = torch.tensor(1.5)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(fn, backend="fusion")(x)
+    assert [w for w in caught if issubclass(w.category, FusionFallbackWarning)] == []
+    torch.testing.assert_close(out, fn(x))
