@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="fusion-large-")
     env = dict(os.environ, FUSION_CACHE_DIR=os.path.join(workdir, "cache"))
     results = []
+    # machine set-up, once per machine (not per model): the hardware profile. "cold" below means an empty
+    # graph and kernel cache on a calibrated machine.
+    subprocess.run([sys.executable, "-m", "costmodel.calibrate"], env=env, capture_output=True)
     for ph in ("fusion-cold", "fusion-warm", "inductor", "load"):
         r = subprocess.run([sys.executable, __file__, "--phase", ph, "--workdir", workdir], env=env,
                            capture_output=True, text=True)

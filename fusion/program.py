@@ -40,10 +40,7 @@ def save_program(opt: Any, path: str | Path) -> Path:
         if acc is not None:
             weights[name] = acc()
     save_safetensors(weights, out / "weights.safetensors")
-    try:
-        out_spec = pytree.treespec_dumps(cap.program.call_spec.out_spec)
-    except Exception as e:  # noqa: BLE001
-        raise FusionInputError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
+    out_spec = _dump_spec(cap.program.call_spec.out_spec)
     cfg = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in opt.config.__dict__.items()}
     program = {
         "format": FORMAT,
@@ -59,6 +56,32 @@ def save_program(opt: Any, path: str | Path) -> Path:
     (out / "program.py").write_text(f"# {type(opt.original).__name__}, optimized by fusion (rewritten graph)\n"
                                     + graph.program_gm.code)
     return out
+
+
+def _dump_spec(spec: Any) -> dict:
+    """The output structure: pytree's JSON where its types are registered for it, else a pickle of the
+    TreeSpec (model output classes such as HF's ModelOutput: the class must be importable at load)."""
+    try:
+        text = pytree.treespec_dumps(spec)
+        pytree.treespec_loads(text)
+        return {"json": text}
+    except Exception:  # noqa: BLE001
+        import base64
+        import pickle
+
+        try:
+            return {"pickle": base64.b64encode(pickle.dumps(spec)).decode()}
+        except Exception as e:  # noqa: BLE001
+            raise FusionInputError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
+
+
+def _load_spec(d: dict) -> Any:
+    if "json" in d:
+        return pytree.treespec_loads(d["json"])
+    import base64
+    import pickle
+
+    return pickle.loads(base64.b64decode(d["pickle"]))  # written by save_program, a file the user chose to load
 
 
 class LoadedProgram(torch.nn.Module):
@@ -77,7 +100,7 @@ class LoadedProgram(torch.nn.Module):
         self.weights = load_safetensors_mmap(path / "weights.safetensors")
         self.bindings = [tuple(b) for b in data["bindings"]]
         self.buffer_mutations = {int(k): v for k, v in data["buffer_mutations"].items()}
-        self.out_spec = pytree.treespec_loads(data["out_spec"])
+        self.out_spec = _load_spec(data["out_spec"])
         saved = data["config"]
         saved["rewrites"] = False  # the saved graph is already rewritten
         self.config = config or Config(**{k: (frozenset(v) if isinstance(v, list) else v) for k, v in saved.items()})

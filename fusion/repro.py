@@ -72,7 +72,12 @@ def _random_like(meta: dict, gen: torch.Generator) -> Any:
     dtype = getattr(torch, meta["dtype"])
     t = torch.empty_strided(shape, stride, dtype=dtype)
     if dtype.is_floating_point:
-        t.copy_(torch.randn(shape, generator=gen).to(dtype))
+        # scaled like an initialised layer (std 1/sqrt(fan-in)) so deep graphs stay in range; 1-D tensors
+        # (norm weights, biases) near 1
+        if len(shape) >= 2:
+            t.copy_((torch.randn(shape, generator=gen) / max(shape[-1], 1) ** 0.5).to(dtype))
+        else:
+            t.copy_((1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype))
     elif dtype == torch.bool:
         t.copy_(torch.rand(shape, generator=gen) > 0.5)
     else:
