@@ -64,7 +64,21 @@ CHEAP = {"add", "sub", "rsub", "mul", "div", "neg", "relu", "abs", "max", "min",
          "clamp_min", "clamp_max", "where", "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "recip"}
 
 FLOAT_IN = (torch.float32,)
+#: float dtypes a group may hold on the CUDA (Triton) path: kernels compute in fp32, store in the node's dtype
+FLOAT_IN_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 MASK_IN = (torch.bool, torch.uint8)
+
+
+def float_in(devices: tuple = ("cpu",)) -> tuple:
+    """Float dtypes fusable for these device types (fp16/bf16 only when CUDA is among them)."""
+    return FLOAT_IN_CUDA if "cuda" in devices else FLOAT_IN
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat([-x[..., N/2:], x[..., :N/2]], -1) (RoPE): `fusion.lower` puts it in for the ATen pattern, and
+    kernels read it as an index-shifted load of x (x must then come from outside the kernel)."""
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
 
 
 # --- symbolic shape helpers --------------------------------------------------------------------
@@ -170,11 +184,14 @@ def classify(n: fx.Node, devices: tuple = ("cpu",)) -> str | None:
                 return None
         elif not isinstance(a, fx.Node) and not _scalar_ok(a):
             return None
+    FLOAT_IN = float_in(devices)  # noqa: N806 (shadows the CPU default inside this function)
     targs = _tensor_args(n)
     for a in targs:
         av = tval(a)
         if av is None or av.device.type not in devices or av.dtype not in FLOAT_IN + MASK_IN:
             return None
+    if t is rotate_half:
+        return "pw" if v.dtype in FLOAT_IN and tval(n.args[0]).dtype == v.dtype else None
     if t in POINTWISE:
         p = POINTWISE[t]
         if p == "add" or p == "sub":
@@ -201,7 +218,7 @@ def classify(n: fx.Node, devices: tuple = ("cpu",)) -> str | None:
     if v.dtype not in FLOAT_IN or any(tval(a).dtype not in FLOAT_IN for a in targs):
         return None
     if t in REDUCTIONS:
-        if n.kwargs.get("dtype") not in (None, torch.float32):
+        if n.kwargs.get("dtype") not in (None, v.dtype):
             return None
         return "red"
     if t in ROW_FUSED:
@@ -214,7 +231,7 @@ def classify(n: fx.Node, devices: tuple = ("cpu",)) -> str | None:
             kw = dict(n.kwargs)
             kw.pop("dtype", None), kw.pop("device", None), kw.pop("layout", None)
             kw.pop("memory_format", None)
-            if kw or v.dtype != torch.float32:
+            if kw or v.dtype not in FLOAT_IN:
                 return None
         return "view"
     return None
@@ -254,6 +271,9 @@ def fit(n: fx.Node, kind: str, g: Group) -> str | None:
             return f == target_form
         return broadcastable(list(tval(a).shape), g.shape_of(target_form))
 
+    if n.target is rotate_half:               # an index-shifted load: its operand is read from memory
+        x = n.args[0]
+        return out if out == "full" and x not in g.form and same_shape(list(tval(x).shape), D) else None
     if kind == "pw":
         return out if all(operand_ok(a, out) for a in _tensor_args(n)) else None
     if kind == "red":
@@ -299,7 +319,7 @@ def fit(n: fx.Node, kind: str, g: Group) -> str | None:
     return None
 
 
-def seed(n: fx.Node, kind: str) -> Group | None:
+def seed(n: fx.Node, kind: str, devices: tuple = ("cpu",)) -> Group | None:
     v = tval(n)
     if kind in ("pw", "fused"):
         D = list(v.shape)
@@ -307,7 +327,7 @@ def seed(n: fx.Node, kind: str) -> Group | None:
         D = list(tval(n.args[0]).shape)
     else:
         return None
-    if len(D) < 1 or v.dtype != torch.float32:
+    if len(D) < 1 or v.dtype not in float_in(devices):
         return None
     g = Group(D=D)
     f = fit(n, kind, g)
@@ -334,6 +354,12 @@ def _creates_cycle(S: set, index: dict) -> bool:
             if w not in down and index.get(w, hi + 1) < hi:
                 stack.append(w)
     return False
+
+
+def _rot_conflict(a: Group, b: Group) -> bool:
+    """A rotate_half member must keep reading its operand from memory: no merge that would pull it in."""
+    return any(m.target is rotate_half and (m.args[0] in b.form if m in a.form else m.args[0] in a.form)
+               for m in a.members + b.members)
 
 
 def schedule(gm: fx.GraphModule, devices: tuple = ("cpu",)) -> list[Group]:
@@ -367,7 +393,7 @@ def schedule(gm: fx.GraphModule, devices: tuple = ("cpu",)) -> list[Group]:
             for h in prods:
                 if h is joined or not same_shape(h.D, joined.D):
                     continue
-                if _creates_cycle(joined.member_set | h.member_set, index):
+                if _creates_cycle(joined.member_set | h.member_set, index) or _rot_conflict(joined, h):
                     continue
                 for m in h.members:
                     joined.form[m] = h.form[m]
@@ -375,7 +401,7 @@ def schedule(gm: fx.GraphModule, devices: tuple = ("cpu",)) -> list[Group]:
                 joined.members = sorted(joined.members + h.members, key=index.__getitem__)
                 groups.remove(h)
             continue
-        g = seed(n, kind)
+        g = seed(n, kind, devices)
         if g is not None:
             groups.append(g)
             owner[n] = g

@@ -98,7 +98,7 @@ def test_stable_softmax_one_kernel_exp_once(cfg):
         src = fh.read()
     body = src[src.index(f"void {k.name}("):]
     body = body[:body.index("\n}\n")]
-    assert body.count("expf(") == 1          # exp computed once, stored in scratch, then scaled
+    assert body.count("FEXP(") == 1          # exp computed once, stored in scratch, then scaled
     assert "self.softmax_0(" in res.gm.code
     assert k.transcendentals == 64 * 1000 and k.bytes_read == k.bytes_written == 64 * 1000 * 4
 
@@ -329,3 +329,122 @@ def test_call_with_incompatible_broadcast_raises(cfg):
         res.gm(torch.randn(4, 8), torch.randn(4, 8))      # b was specialised as a per-row value
     with pytest.raises(RuntimeError, match="does not broadcast"):
         res.gm(torch.randn(4, 8), torch.randn(5, 1))
+
+
+# ------------------------------------------------------------------ edge cases: exactly like eager
+def check_exact(cases, cfg, min_kernels=1):
+    """Several (fn, args) cases through ONE compile; outputs must match eager in shape, dtype and
+    value, NaN where eager has NaN (and only there), infinities included."""
+    sizes = [len(a) for _, a in cases]
+
+    def combined(*flat):
+        outs, i = [], 0
+        for (f, _), n in zip(cases, sizes):
+            r = f(*flat[i:i + n])
+            outs.extend(r if isinstance(r, (tuple, list)) else (r,))
+            i += n
+        return tuple(outs)
+
+    flat = tuple(x for _, a in cases for x in a)
+    res = lower_to_kernels(export(combined, flat), cfg)
+    assert len(res.kernels) >= min_kernels, res.gm.code
+    ref, out = combined(*flat), res.gm(*flat)
+    assert len(ref) == len(out)
+    for k, (o, r) in enumerate(zip(out, ref)):
+        assert o.shape == r.shape and o.dtype == r.dtype, (k, o.shape, r.shape, o.dtype, r.dtype)
+        torch.testing.assert_close(o, r, equal_nan=True, rtol=1e-5, atol=1e-6, msg=lambda m: f"output {k}: {m}")
+    return res
+
+
+def test_nan_inf_semantics(cfg):
+    x = torch.randn(6, 37)
+    x[1, 5], x[3, :], x[4, 0], x[5, 2] = float("nan"), float("nan"), float("inf"), float("-inf")
+    y = torch.randn(6, 37)
+    y[2, 3] = float("nan")
+    ninf = torch.randn(4, 3, 16)
+    ninf[1, 2, :] = float("-inf")                      # an all -inf row: torch's softmax gives NaN
+    ninf[2, 0, 3] = float("inf")
+    big, z = torch.randn(8, 64) * 100, torch.randn(8, 64)   # exp overflows; division by zero
+    z[0, :5], z[1] = 0, 0
+    sp = torch.tensor([[float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e30, -1e30, 3.0]] * 3)
+    check_exact([
+        (lambda x: (x.amax(-1), x.amin(-1, keepdim=True), x.amax(-1, keepdim=True) + 1, torch.softmax(x, -1)), (x,)),
+        (lambda x, y: (torch.maximum(x, y) * 2, torch.minimum(x, y) + 1, x.clamp(-0.5, 0.5) * 1, torch.relu(x) + y,
+                       x.clamp_min(0) - y, torch.clamp(x, max=0.1) * y), (x, y)),
+        (lambda x: (torch.softmax(x, -1), torch.log_softmax(x, -1) + 0, stable_softmax(x)), (ninf,)),
+        (lambda x, z: (torch.exp(x) * 2, x / z, x / z.sum(-1, keepdim=True), torch.sigmoid(x) + 0, F.silu(x) * 1,
+                       1.0 / z, z / z, torch.log(z.abs()) * 2, torch.rsqrt(z.abs()) + 1), (big, z)),
+        (lambda x: (torch.sigmoid(x) + 0, F.silu(x) * 1, F.gelu(x) + 0, F.gelu(x, approximate="tanh") + 0,
+                    torch.exp(x) + 0, x.pow(0.5) + 0, x.pow(2) * 1, x.pow(-1) + 0, torch.rsqrt(x) * 1,
+                    torch.log(x) + 0, x.pow(1.5) + 0, torch.tanh(x) * 1), (sp,)),
+    ], cfg, min_kernels=20)
+
+
+def test_dtypes_and_promotion_match_eager(cfg):
+    xi, xf, xb = torch.randint(-5, 5, (8, 16)), torch.randn(8, 16), torch.rand(8, 16) > 0.5
+    check_exact([
+        (lambda a, x: (a + 1.5, a * x, (a > 0) & (x > 0), a.float() * x + 1, (x * 2).to(torch.int32),
+                       (x > 0).float() * x), (xi, xf)),
+        (lambda x, m: (torch.where(m, x, 0.0), torch.where(m, 1.0, x) * 2, torch.where(m, x * 2, torch.full_like(x, 3.0)),
+                       (x > 0) == m, x.masked_fill(m, 2) * 3, (x * 2) > 0.5, torch.where(x > 0, x, -x) + 1), (xf, xb)),
+        (lambda x: ((x * 2).half(), (x + 1).to(torch.bfloat16) * 2, (x * 3).double() + 1, (x * 2).to(torch.int64),
+                    (x > 0) + 1.5, ~(x > 0) & (x < 1)), (xf,)),
+        (lambda h, b, w: (h * 2 + 1, torch.softmax(h.float(), -1), b * 2 + 1, torch.softmax(b, -1) * 1, b.float() + w),
+         (xf.half(), xf.bfloat16(), xf)),
+        (lambda x, i: (torch.where(x > 0, i, 0), torch.where(x > 0, x, i)), (xf, xi)),
+    ], cfg, min_kernels=5)
+
+
+def test_shapes_strides_and_aliasing(cfg):
+    a = torch.randn(8, 16)
+    e = torch.randn(1, 16).expand(8, 16)                       # stride-0 outer dim
+    t = torch.randn(16, 8).t()                                 # transposed
+    ov = torch.randn(40).as_strided((8, 16), (2, 1))           # overlapping rows
+    ei = torch.randn(8, 1).expand(8, 16)                       # stride-0 inner dim
+    check_exact([
+        (lambda x: (torch.softmax(x, -1) * 2, x.sum(-1), x.exp() + 1), (torch.randn(0, 16),)),
+        (lambda x: (x.sum(-1) + 1, x.mean(-1, keepdim=True) * 2, x.exp() + 1), (torch.randn(4, 0),)),
+        (lambda x: (torch.softmax(x, -1) * 2, x.exp() + 1), (torch.randn(3, 0, 8),)),
+        (lambda x, s: (x * s + 1, torch.exp(s) * x, (s * 2).exp() + 1), (torch.randn(5, 7), torch.tensor(1.5))),
+        (lambda x, y: (torch.softmax(x, -1) * y, x.sum(-1, keepdim=True) + y), (torch.randn(1, 1, 9), torch.randn(1, 1, 1))),
+        (lambda x: (torch.softmax(x, -1) + x, x.amax(-1) * 2, x.var(-1), x.std(-1) + 1), (torch.randn(5, 1),)),
+        (lambda e, t, o: (torch.softmax(e, -1) * 2, torch.exp(t) + e, o * t + 1, torch.softmax(o, -1) + t), (e, t, ov)),
+        (lambda e, x: (torch.exp(e) + x, torch.softmax(e * x, -1) * 1), (ei, torch.randn(8, 16))),
+        (lambda p, q: (p * q + 1, torch.softmax(p + q, -1) * 1), (a, a)),                    # aliasing inputs
+        (lambda x: (x.view(16, 8), torch.exp(x) * 2, x, (x * 2).view(128), (x * 2).t()), (a,)),  # views of inputs
+    ], cfg, min_kernels=10)
+
+
+def test_prepare_pass_clone_addmm_rotate_half(cfg):
+    """The lowering's graph clean-ups: no-op clones dropped (never one that aliases an input or an
+    output), addmm bias moved into the consumer's kernel, RoPE's rotate_half read as a shifted load."""
+    from fusion import lower
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+    def f(x, w, b, r, q, c, s):
+        h = torch.addmm(b, x, w).view(4, 8, 24)
+        y = F.gelu(h.clone()) + r                         # dropout-style clone of a contiguous value
+        k = torch.exp(x).clone()                          # clone is an output: kept
+        return y, k, x.clone(), q * c + rot(q) * s, rot(q)
+
+    args = (torch.randn(32, 16), torch.randn(16, 24), torch.randn(24), torch.randn(4, 8, 24),
+            torch.randn(2, 6, 3, 16).transpose(1, 2), torch.randn(6, 16), torch.randn(6, 16))
+    gm = export(f, args)
+    prepared = lower._prepare(gm)
+    code = prepared.code
+    assert "aten.addmm" not in code and "aten.mm" in code and "rotate_half" in code
+    assert code.count("aten.clone") == 2, code
+    res = check(f, args, cfg)
+    assert "aten.cat" not in res.gm.code
+    ref, out = f(*args), res.gm(*args)
+    assert out[2].data_ptr() != args[0].data_ptr()        # the clone of an input is still a copy
+    odd = check(lambda q: torch.cat([-q[..., 3:], q[..., :3]], -1) * 2, (torch.randn(4, 7),), cfg)
+    assert "aten.cat" in odd.gm.code
+    # K^T made contiguous only to be viewed for bmm: a reshape (no copy when strides allow)
+    kt = lambda q, k: torch.softmax(torch.bmm(q, torch.exp(k).transpose(1, 2).contiguous().view(6, 8, 16)), -1) * 2
+    qk = (torch.randn(6, 16, 8), torch.randn(6, 16, 8))
+    assert "aten.clone" not in lower._prepare(export(kt, qk)).code
+    check(kt, qk, cfg)

@@ -111,3 +111,13 @@ def test_worth_a_kernel_with_hardware_profile():
                          kernel_overhead=5e-6, aten_overhead=4e-6, page_fault_bandwidth=8e9)
     _, gs = groups_of(lambda x: x + 1, torch.randn(4, 4))
     assert not S.worth_a_kernel(gs[0], hw)
+
+
+def test_half_precision_groups_only_for_cuda():
+    gm, gs = groups_of(lambda x: torch.softmax(x * 2, -1) + 1, torch.randn(4, 32, dtype=torch.bfloat16))
+    assert gs == []                                           # the C++ path stays fp32-only
+    assert S.float_in(("cpu", "cuda")) == (torch.float32, torch.float16, torch.bfloat16)
+    kinds = [S.classify(n, ("cpu", "cuda")) for n in gm.graph.nodes if n.op == "call_function"]
+    assert None not in kinds, kinds                           # fusable when CUDA is among the devices
+    gs = S.schedule(gm, devices=("cpu", "cuda"))
+    assert len(gs) == 1 and len(gs[0].members) >= 3

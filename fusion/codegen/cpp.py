@@ -33,6 +33,29 @@ extern "C" float powf(float, float) __attribute__((simd("notinbranch")));
 #define STREAM_MIN_BYTES (80LL << 20)   /* measured: helps only well beyond the 32 MB L3 */
 #endif
 #define FUSION_JB 512
+// expf without libmvec's scalar slow path for lanes below its range (masked scores: exp(-1e4)):
+// exp(x < -80) is flushed to 0 (< 2e-35); NaN propagates. The clamp keeps such lanes in range; its
+// bound is read from an (interposable) global, else GCC folds the clamp away under the outer test.
+extern "C" { float fusion_exp_lo = -80.0f; }
+// inline (vectorisable, no call, no register spills) Cephes-style expf for x in [-80, 88.73]: ~1 ulp
+static inline float fusion_expf(float x) {
+  const float t = x * 1.44269504088896341f + 12582912.0f;   // round(x / ln 2) by the 1.5 * 2^23 trick
+  const float n = t - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t k = (int32_t)n, k1 = k >> 1;                  // 2^n as 2^(n/2) * 2^(n - n/2): n may be 128
+  const float s1 = __builtin_bit_cast(float, (int32_t)((k1 + 127) << 23));
+  const float s2 = __builtin_bit_cast(float, (int32_t)((k - k1 + 127) << 23));
+  return y * s1 * s2;
+}
+static inline float fusion_exp_sel(float x, float e) {
+  return x >= -80.0f ? (x > 88.7228f ? INFINITY : e) : (x != x ? x : 0.0f);
+}
+#define FEXP(x) fusion_exp_sel((x), fusion_expf((x) > xlo ? ((x) < 88.7228f ? (x) : 88.7228f) : xlo))
 // copy n floats from an aligned L1 block to dst with non-temporal stores where dst is aligned
 static inline void fusion_stream(float* __restrict dst, const float* __restrict src, int64_t n) {
   int64_t i = 0;
@@ -46,15 +69,16 @@ static inline void fusion_stream(float* __restrict dst, const float* __restrict 
 
 TEMPLATES = {
     "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
-    "neg": "-{0}", "exp": "expf({0})", "log": "logf({0})", "sqrt": "sqrtf({0})",
+    "neg": "-{0}", "exp": "FEXP({0})", "log": "logf({0})", "sqrt": "sqrtf({0})",
     "rsqrt": "1.0f / sqrtf({0})", "recip": "1.0f / {0}", "tanh": "tanhf({0})", "erf": "erff({0})",
     "abs": "fabsf({0})", "relu": "{0} < 0.0f ? 0.0f : {0}",
     "max": "({0} > {1} || {0} != {0}) ? {0} : {1}", "min": "({0} < {1} || {0} != {0}) ? {0} : {1}",
     "powf": "powf({0}, {1})", "where": "{0} ? {1} : {2}",
     "eq": "{0} == {1}", "ne": "{0} != {1}", "lt": "{0} < {1}", "le": "{0} <= {1}",
     "gt": "{0} > {1}", "ge": "{0} >= {1}", "not": "!{0}",
-    "sigmoid": "1.0f / (1.0f + expf(-{0}))", "silu": "{0} / (1.0f + expf(-{0}))",
-    "gelu": "0.5f * {0} * (1.0f + erff({0} * 0.70710678118654752f))",
+    "sigmoid": "1.0f / (1.0f + FEXP(-{0}))", "silu": "{0} / (1.0f + FEXP(-{0}))",
+    # torch's fp32 gelu gives NaN at +inf (its vectorised erf): matched
+    "gelu": "{0} == INFINITY ? NAN : 0.5f * {0} * (1.0f + erff({0} * 0.70710678118654752f))",
     "gelu_tanh": "0.5f * {0} * (1.0f + tanhf(0.79788456080286536f * ({0} + 0.044715f * {0} * {0} * {0})))",
 }
 
@@ -72,8 +96,9 @@ def _ctype(dt: str) -> str:
 
 
 class _Render:
-    def __init__(self, ir: KernelIR):
+    def __init__(self, ir: KernelIR, rows_kernel: bool = False):
         self.ir = ir
+        self.rows_kernel = rows_kernel
         self.R = len(ir.D)
         self.lines: list[str] = []
         self.users: dict[int, list[int]] = {i: [] for i in range(len(ir.prims))}
@@ -95,6 +120,8 @@ class _Render:
             inp = self.ir.inputs[k]
             idx = "[j]" if inp.vec else "[0]"
             v = f"p{k}{idx}"
+            if inp.rot:
+                v = f"(j < H ? -p{k}[j + H] : p{k}[j - H])"
             return v if inp.dtype == "f" else f"({v} != 0)"
         return "(" + TEMPLATES[p.op].format(*[name(a) for a in p.args]) + ")"
 
@@ -113,10 +140,13 @@ class _Render:
         L.append(f"  const int64_t N = D{R - 1};")
         L.append("  const int64_t rows = " + (" * ".join(f"D{d}" for d in range(R - 1)) or "1") + ";")
         L.append("  const float Nf = (float)N; (void)Nf;")
+        L.append("  const int64_t H = N / 2; (void)H;")
+        L.append("  const float xlo = fusion_exp_lo; (void)xlo;")
         for k in range(len(ir.inputs)):
             for d in range(R - 1):
                 L.append(f"  const int64_t s{k}_{d} = m[{R + k * (R - 1) + d}];")
-        L.append("  if (rows <= 0 || N <= 0) return;")
+        # a row kernel still runs its rows when N == 0 (sum of nothing = 0, mean/var = nan, as torch)
+        L.append("  if (rows <= 0" + (")" if self.rows_kernel else " || N <= 0)") + " return;")
         return L
 
     def row_offsets(self, ind: str) -> list[str]:
@@ -237,12 +267,12 @@ def _reach(ir: KernelIR, roots: list[int], stop: set) -> set:
 
 
 def render_rows(ir: KernelIR) -> str:
-    r = _Render(ir)
+    r = _Render(ir, rows_kernel=True)
     P = ir.prims
     reds = [i for i, p in enumerate(P) if p.op in REDUCE]
     vec_outs = [o for o in ir.outputs if P[o.prim].vec or o.form == "full"]
     row_outs = [o for o in ir.outputs if o not in vec_outs]
-    nloops = max([P[P[i].args[0]].lvl + 1 for i in reds] + [P[o.prim].lvl + 1 for o in vec_outs])
+    nloops = max([P[P[i].args[0]].lvl + 1 for i in reds] + [P[o.prim].lvl + 1 for o in vec_outs], default=0)
 
     def roots(k: int) -> list[int]:
         rs = [P[i].args[0] for i in reds if P[P[i].args[0]].lvl == k]
@@ -300,6 +330,9 @@ def render_rows(ir: KernelIR) -> str:
             L.append(f"{ind}float v{i} = {init};")
             clauses.append({"sum": f"reduction(+:v{i})", "amax": f"reduction(max:v{i})",
                             "amin": f"reduction(min:v{i})"}[op])
+            if op != "sum":                   # max/min drop NaN: a flag makes the result NaN like torch
+                L.append(f"{ind}int nan{i} = 0;")
+                clauses.append(f"reduction(|:nan{i})")
         stop = {i for i, first in scratch.items() if first < k}
         need = _reach(ir, roots(k), stop)
         body = []
@@ -318,12 +351,15 @@ def render_rows(ir: KernelIR) -> str:
             if P[i].op == "sum":
                 body.append(f"v{i} += {a};")
             elif P[i].op == "amax":
-                body.append(f"v{i} = {a} > v{i} ? {a} : v{i};")
+                body.append(f"v{i} = {a} > v{i} ? {a} : v{i}; nan{i} |= ({a} != {a});")
             else:
-                body.append(f"v{i} = {a} < v{i} ? {a} : v{i};")
+                body.append(f"v{i} = {a} < v{i} ? {a} : v{i}; nan{i} |= ({a} != {a});")
         stores = [(f"o{ir.outputs.index(o)}", _nm(o.prim, ir), o.dtype == "f")
                   for o in vec_outs if P[o.prim].lvl == k]
         emit_loop(L, ind, " ".join(clauses), "0", "N", body, stores, True)
+        for i in here:
+            if P[i].op != "sum":
+                L.append(f"{ind}if (nan{i}) v{i} = NAN;")
     emit_rows(nloops)
     for o in row_outs:
         L.append(f"{ind}out{ir.outputs.index(o)}[r] = {_nm(o.prim, ir)};")

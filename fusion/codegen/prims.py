@@ -6,7 +6,6 @@ reductions upstream, which decides the loop ("phase") a value is computed in.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ class Input:
     dtype: str             # "f" | "b"
     vec: bool              # inner stride specialised to 1 (True) or 0 (False)
     rank: int              # rank of the tensor
+    rot: bool = False      # read as rotate_half: j < N/2 ? -x[j + N/2] : x[j - N/2] (C++ path only)
 
 
 @dataclass
@@ -92,8 +92,8 @@ class Builder:
     def nf(self) -> int:
         return self._add("N", (), False, "f", 0)
 
-    def load(self, node: fx.Node, mode: str) -> int:
-        key = (node, mode)
+    def load(self, node: fx.Node, mode: str, rot: bool = False) -> int:
+        key = (node, mode, rot)
         if key not in self.inputs:
             D = self.ir.D
             v = S.tval(node)
@@ -102,8 +102,10 @@ class Builder:
                 vec = len(shape) >= 1 and not S.is_one(shape[-1]) and not S.is_one(D[-1])
             else:
                 vec = False
-            dt = "f" if v.dtype == torch.float32 else "b"
-            self.ir.inputs.append(Input(node, mode, dt, vec, len(shape)))
+            dt = "f" if v.dtype.is_floating_point else "b"
+            if rot and not vec:
+                raise UnsupportedError(f"rotate_half of {node.name} without a last dim")
+            self.ir.inputs.append(Input(node, mode, dt, vec, len(shape), rot))
             self.inputs[key] = len(self.ir.inputs) - 1
         k = self.inputs[key]
         inp = self.ir.inputs[k]
@@ -119,10 +121,11 @@ class Builder:
         if op == "where" and ps[0].op == "constb":
             return args[1] if ps[0].args[0] else args[2]
         if all(p.op == "const" for p in ps) and op in ("add", "sub", "mul", "div", "neg"):
-            a = [p.args[0] for p in ps]
+            # folded in float32 with IEEE semantics (1/0 = inf, 0/0 = nan), as the kernel would compute it
+            a = [torch.tensor(p.args[0], dtype=torch.float32) for p in ps]
             r = {"add": lambda: a[0] + a[1], "sub": lambda: a[0] - a[1], "mul": lambda: a[0] * a[1],
-                 "div": lambda: a[0] / a[1] if a[1] else math.nan, "neg": lambda: -a[0]}[op]()
-            return self.const(_f32(r))
+                 "div": lambda: a[0] / a[1], "neg": lambda: -a[0]}[op]()
+            return self.const(float(r.item()))
         return self._add(op, tuple(args), vec, dtype, lvl)
 
     def reduce(self, op: str, x: int) -> int:
@@ -167,6 +170,8 @@ def _expand(n: fx.Node, form: str, A, b: Builder, g: S.Group) -> int:
     args = n.args
     if t is operator.getitem or t in S.VIEWS:
         return A(args[0])
+    if t is S.rotate_half:
+        return b.load(args[0], "full", rot=True)
     if t in S.POINTWISE:
         p = S.POINTWISE[t]
         if p in ("add", "sub", "mul", "div", "max", "min") or p in S.COMPARE:

@@ -26,7 +26,7 @@ def spec_for(ir: P.KernelIR) -> runtime.KernelSpec | None:
     if dsrc is None:
         return None
     ins = [_L._input_spec(ir, i) for i in ir.inputs]
-    flatten = not ir.has_reduction and all(
+    flatten = not ir.has_reduction and any(s.vec for s in ins) and all(
         s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
         for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
     outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
