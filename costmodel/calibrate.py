@@ -191,8 +191,8 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
     valid, else measured now (<= ~3 s) and stored. `force` re-measures; `scale` < 1 shrinks the sizes
     (tests). An unwritable cache dir only costs the re-measurement next time (never an error).
 
-    A stored profile measured on a busy machine (calibration_load high) is measured again once the
-    machine is quiet, and the two are merged (best of both). cpu_clock: measure (if measuring) with the
+    A stored profile measured on a busy machine (calibration_load high) is kept and reported as noisy;
+    `force` re-measures it. cpu_clock: measure (if measuring) with the
     process CPU clock (one thread only; see calibrate)."""
     measure = (lambda: calibrate(scale=scale, cpu_clock=True)) if cpu_clock else (lambda: calibrate(scale=scale))
     path = profile_path(cache_dir)
@@ -209,12 +209,9 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
                 hw = None                              # older schema: re-measure, but only on a quiet machine
         except (OSError, ValueError, TypeError):
             hw = None                                  # corrupt or from an older schema: re-measure
-    if hw is not None and is_noisy(hw.calibration_load) and not is_noisy(_load_average()):
-        hw = merge_best(hw, measure())
-        try:
-            save_profile(hw, path)
-        except OSError:
-            pass
+    # A profile measured on a busy machine is kept (its load is recorded and reported): re-measuring
+    # behind the user's back would put a 256 MB, multi-second measurement inside some later compile.
+    # `python -m fusion calibrate --force` re-measures on purpose.
     if hw is None:
         hw = measure()
         try:
@@ -563,7 +560,7 @@ def profile_rows(hw: HardwareProfile) -> list[tuple[str, str]]:
                  _si(hw.page_fault_bandwidth, "B/s") if hw.page_fault_bandwidth else "not modelled"))
     if hw.calibration_load >= 0:
         rows.append(("load average when measured", f"{hw.calibration_load:.2f}"
-                     + ("  (NOISY: re-measured when the machine is quiet)" if is_noisy(hw.calibration_load) else "")))
+                     + ("  (NOISY: re-measure with --force on a quiet machine)" if is_noisy(hw.calibration_load) else "")))
     rows.append(("key", hw.key or "-"))
     return rows
 

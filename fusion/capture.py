@@ -112,12 +112,31 @@ def _last_dim_only(normalized_shape: Any, val: Any) -> bool:
     return isinstance(normalized_shape, (list, tuple)) and len(normalized_shape) == 1 and val is not None and len(val.shape) >= 1
 
 
+def _rank(x: Any) -> int | None:
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _noop_clone(node: fx.Node) -> bool:
+    """A clone whose copy nobody can observe: of a contiguous intermediate, not a graph output (which
+    could then alias another output), not of a graph input. AOTAutograd emits these around views."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op == "placeholder" or node.kwargs.get("memory_format") not in (
+            None, torch.contiguous_format):
+        return False
+    val = src.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous():
+        return False
+    return all(u.op != "output" for u in node.users)
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Bring an ATen graph into the fusion dialect, in place:
 
     - `native_layer_norm(x, [N], w, b, eps)[0]` over the last dim, with mean/rstd unused → `fusion.layer_norm`
       (in training graphs mean/rstd feed the backward, so the ATen op stays);
-    - `aten.alias` / no-op `aten.clone` of a contiguous value → the value itself (functional graph, no aliasing observable);
+    - `aten.alias` and no-op `aten.clone` of a contiguous intermediate → the value itself (functional graph:
+      nothing can observe the copy); `aten._unsafe_view` → `aten.view`; `transpose`/`t` → `permute` (as export emits);
     - dead code is removed.
     """
     g = gm.graph
@@ -139,6 +158,18 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 g.erase_node(user)
             g.erase_node(node)
         elif node.target is aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            g.erase_node(node)
+        elif node.target in (aten.transpose.int, aten.t.default) and _rank(node.args[0]) is not None:
+            rank = _rank(node.args[0])  # AOTAutograd keeps transpose/t; export decomposes them to permute
+            d0, d1 = (node.args[1], node.args[2]) if node.target is aten.transpose.int else (0, 1 if rank > 1 else 0)
+            perm = list(range(rank))
+            if rank:
+                perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
+            node.target, node.args, node.kwargs = aten.permute.default, (node.args[0], perm), {}
+        elif node.target is aten._unsafe_view.default:
+            node.target = aten.view.default  # the same in a functional graph; rules know view
+        elif node.target is aten.clone.default and _noop_clone(node):
             node.replace_all_uses_with(node.args[0])
             g.erase_node(node)
     g.eliminate_dead_code()

@@ -61,26 +61,32 @@ def save_program(opt: Any, path: str | Path) -> Path:
 def _dump_spec(spec: Any) -> dict:
     """The output structure: pytree's JSON where its types are registered for it, else a pickle of the
     TreeSpec (model output classes such as HF's ModelOutput: the class must be importable at load)."""
-    try:
-        text = pytree.treespec_dumps(spec)
-        pytree.treespec_loads(text)
-        return {"json": text}
-    except Exception:  # noqa: BLE001
-        import base64
-        import pickle
-
-        try:
-            return {"pickle": base64.b64encode(pickle.dumps(spec)).decode()}
-        except Exception as e:  # noqa: BLE001
-            raise FusionInputError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
-
-
-def _load_spec(d: dict) -> Any:
-    if "json" in d:
-        return pytree.treespec_loads(d["json"])
     import base64
     import pickle
 
+    out: dict = {}
+    try:
+        out["json"] = pytree.treespec_dumps(spec)  # readable; needs the types registered at load time
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        out["pickle"] = base64.b64encode(pickle.dumps(spec)).decode()  # imports the output classes itself
+    except Exception as e:  # noqa: BLE001
+        if not out:
+            raise FusionInputError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
+    return out
+
+
+def _load_spec(d: dict) -> Any:
+    import base64
+    import pickle
+
+    if "json" in d:
+        try:
+            return pytree.treespec_loads(d["json"])
+        except Exception:  # noqa: BLE001 - e.g. a model output class not registered in this process
+            if "pickle" not in d:
+                raise
     return pickle.loads(base64.b64decode(d["pickle"]))  # written by save_program, a file the user chose to load
 
 

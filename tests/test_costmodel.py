@@ -385,23 +385,24 @@ def test_datasheet_profiles():
         get_profile("tpu")
 
 
-def test_noisy_profile_is_remeasured_and_merged(tmp_path, monkeypatch):
+def test_noisy_profile_is_kept_until_forced(tmp_path, monkeypatch):
+    """A profile measured on a busy machine is not silently re-measured inside a later compile (that
+    would hide a 256 MB, multi-second measurement there); force=True re-measures."""
     import dataclasses
 
     cal._MEMO.clear()
     path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
-    noisy = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=99.0, copy_bandwidth=1e9,
-                                gemm_flops={"float32": 1e15}, schema=cal.SCHEMA)
+    noisy = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=99.0, copy_bandwidth=1e9, schema=cal.SCHEMA)
     cal.save_profile(noisy, path)
-    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, copy_bandwidth=40e9,
-                                schema=cal.SCHEMA)
-    monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: fresh)
+    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, copy_bandwidth=40e9, schema=cal.SCHEMA)
+    calls = []
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calls.append(1) or fresh)
     monkeypatch.setattr(cal, "_load_average", lambda: 0.0)
     hw = cal.load_or_calibrate(str(tmp_path))
-    assert hw.copy_bandwidth == 40e9                    # the better of the two
-    assert hw.gemm_flops["float32"] == 1e15
-    assert hw.calibration_load == 0.1 and not cal.is_noisy(hw.calibration_load)
-    assert json.loads(path.read_text())["copy_bandwidth"] == 40e9
+    assert hw.copy_bandwidth == 1e9 and calls == []
+    cal._MEMO.clear()
+    hw = cal.load_or_calibrate(str(tmp_path), force=True)
+    assert hw.copy_bandwidth == 40e9 and calls == [1]
     cal._MEMO.clear()
 
 
