@@ -74,21 +74,21 @@ _TRIL: dict = {}
 
 
 def is_causal_mask(mask: Tensor, S: int, L: int) -> bool:
-    """True when `mask` is exactly the top-left causal mask, broadcast over every leading dim: boolean
+    """True when `mask` is exactly the top-left causal mask in every leading (batch, head) slice: boolean
     tril, or additive with 0 where j <= i and below -1e30 (dtype min or -inf) where j > i. Then
     softmax(s + mask) == softmax over j <= i exactly, so SDPA's causal path computes the same function.
     Model code (HF GPT-2, LLaMA) builds this mask from aranges at run time, so it is checked here, on
     the values: three passes over an S x L mask, tiny next to the attention it lets us halve."""
-    if mask.shape[-2:] != (S, L) or mask.numel() != S * L or S == 1:
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (S, L) or S == 1 or mask.numel() == 0:
         return False
-    m = mask.reshape(S, L)
+    m = mask.reshape(-1, S, L)  # every leading slice (batch, heads) must be the causal mask
     key = (S, L, m.device)
     if key not in _TRIL:
         tril = torch.ones(S, L, dtype=torch.bool, device=m.device).tril()
         _TRIL[key] = (tril, ~tril)
         if len(_TRIL) > 16:
             _TRIL.pop(next(iter(_TRIL)))
-    tril, above = _TRIL[key]
+    tril, above = (t.expand(m.shape[0], S, L) for t in _TRIL[key])
     if m.dtype == torch.bool:
         return torch.equal(m, tril)
     if not m.is_floating_point():

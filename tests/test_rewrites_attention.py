@@ -238,7 +238,8 @@ def test_runtime_causal_mask_detection_is_exact():
     padded = additive.clone()
     padded[..., 3, 1] = float("-inf")  # causal AND padding: not a pure causal mask
     assert ops.is_causal_mask(additive, S, L) and ops.is_causal_mask(tril, S, L)
-    assert not ops.is_causal_mask(padded, S, L) and not ops.is_causal_mask(additive.expand(2, 1, S, L), S, L)
+    assert ops.is_causal_mask(additive.expand(2, 1, S, L).contiguous(), S, L)  # per-batch copies of it
+    assert not ops.is_causal_mask(padded, S, L) and not ops.is_causal_mask(torch.cat([additive, padded]), S, L)
     for mask in (additive, tril, padded):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
         got = torch.ops.fusion.attention(q, k, v, mask, 0.3, False)
