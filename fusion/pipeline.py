@@ -15,7 +15,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 
 from fusion.capture import normalize
