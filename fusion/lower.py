@@ -356,28 +356,9 @@ def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None,
     original = gm
     gm = _prepare(gm)
     groups = [g for g in S.schedule(gm) if S.worth_a_kernel(g, hw)]
-    irs: list[P.KernelIR] = []
-    specs: list[runtime.KernelSpec] = []
-    counter = 0
-    for g in groups:
-        name = f"{_kernel_base_name(g)}_{counter}"
-        try:
-            ir = P.build(g, name)
-        except (P.UnsupportedError, KeyError):
-            continue
-        if not ir.outputs:
-            continue
-        dsrc = _domain_sources(ir)
-        if dsrc is None:
-            continue
-        ins = [_input_spec(ir, i) for i in ir.inputs]
-        flatten = not ir.has_reduction and any(s.vec for s in ins) and not any(i.rot for i in ir.inputs) and all(
-            s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
-            for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
-        outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
-        specs.append(runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten))
-        irs.append(ir)
-        counter += 1
+    built = kernel_irs(groups)
+    irs = [ir for ir, _ in built]
+    specs = [spec for _, spec in built]
     if not irs:
         return LowerResult(original, [])
 
@@ -409,6 +390,34 @@ def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None,
                                 scratch_rows=getattr(ir, "n_scratch", 0)))
     new_gm = _rebuild(gm, irs, modules)
     return LowerResult(new_gm, infos)
+
+
+def kernel_spec(ir: P.KernelIR) -> runtime.KernelSpec | None:
+    """How the runtime calls one kernel IR (None: it cannot be called; the group stays ATen).
+    Shared by the C++ and Triton back ends."""
+    dsrc = _domain_sources(ir)
+    if dsrc is None:
+        return None
+    ins = [_input_spec(ir, i) for i in ir.inputs]
+    flatten = not ir.has_reduction and any(s.vec for s in ins) and not any(i.rot for i in ir.inputs) and all(
+        s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
+        for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
+    outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
+    return runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten)
+
+
+def kernel_irs(groups: list) -> list[tuple[P.KernelIR, runtime.KernelSpec]]:
+    """Kernel IR and runtime spec of each scheduled group that can become a kernel, named in order."""
+    out: list[tuple[P.KernelIR, runtime.KernelSpec]] = []
+    for g in groups:
+        try:
+            ir = P.build(g, f"{_kernel_base_name(g)}_{len(out)}")
+        except (P.UnsupportedError, KeyError):
+            continue
+        spec = kernel_spec(ir) if ir.outputs else None
+        if spec is not None:
+            out.append((ir, spec))
+    return out
 
 
 def _rebuild(gm: fx.GraphModule, irs: list[P.KernelIR], modules: dict) -> fx.GraphModule:

@@ -9,28 +9,16 @@ for groups to form (see the integration notes in tests/test_triton.py's module d
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 
 from fusion import lower as _L
-from fusion import runtime
 from fusion import schedule as S
 from fusion.codegen import prims as P
 from fusion.codegen import triton_runtime as TR
 from fusion.config import Config
 
 
-def spec_for(ir: P.KernelIR) -> runtime.KernelSpec | None:
-    """The runtime spec of one IR, exactly as lower_to_kernels builds it (None: cannot be called)."""
-    dsrc = _L._domain_sources(ir)
-    if dsrc is None:
-        return None
-    ins = [_L._input_spec(ir, i) for i in ir.inputs]
-    flatten = not ir.has_reduction and any(s.vec for s in ins) and all(
-        s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
-        for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
-    outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
-    return runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten)
+spec_for = _L.kernel_spec  # the runtime spec of one IR, exactly as the C++ path builds it
 
 
 def build_kernels(gm: fx.GraphModule, cache_dir: str | None = None,
@@ -40,23 +28,8 @@ def build_kernels(gm: fx.GraphModule, cache_dir: str | None = None,
     dtypes_from="graph": outputs have the dtypes of the graph's nodes; "inputs": the promoted dtype of
     the call's float inputs (a graph captured in fp32 then called with fp16/bf16 tensors)."""
     out = []
-    try:                                     # schedule() takes the device types to fuse
-        groups = S.schedule(gm, devices=("cpu", "cuda"))
-    except TypeError:
-        groups = S.schedule(gm)
-    for g in groups:
-        if not S.worth_a_kernel(g):
-            continue
-        name = f"{_L._kernel_base_name(g)}_{len(out)}"
-        try:
-            ir = P.build(g, name)
-        except (P.UnsupportedError, KeyError):
-            continue
-        if not ir.outputs:
-            continue
-        spec = spec_for(ir)
-        if spec is None:
-            continue
+    groups = [g for g in S.schedule(gm, devices=("cpu", "cuda")) if S.worth_a_kernel(g)]
+    for ir, spec in _L.kernel_irs(groups):
         dts = [S.tval(o.node).dtype for o in ir.outputs] if dtypes_from == "graph" else None
         out.append((ir, TR.compile_kernel(ir, spec, cache_dir, out_dtypes=dts)))
     return out
