@@ -6,8 +6,10 @@
         extract     export, roofline cost per e-node, DAG ILP                           costmodel/extract.py
         rebuild     chosen program -> GraphModule (names and meta kept)                 rewrites/rebuild.py
 
-The result is never predicted slower than the input: if the extracted program does not cost less
-(by `costmodel.egraph_cost`), the input graph is returned unchanged.
+Extraction is kernel-boundary aware (`costmodel.extract.FusionCosts`): a pointwise chain the
+scheduler will fuse is priced as one kernel, not as one call per op. The result is never predicted
+slower than the input: if the extracted program does not cost less under that model, the input
+graph is returned unchanged.
 """
 from __future__ import annotations
 
@@ -16,8 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from costmodel.egraph_cost import enode_cost, enode_seconds
-from costmodel.extract import EGraphExport, ENode, export_egraph, extract
+from costmodel.egraph_cost import (
+    FUSIBLE_DTYPES_CPU,
+    FUSIBLE_DTYPES_GPU,
+    boundary_seconds,
+    enode_cost,
+    enode_role,
+    enode_seconds,
+    inside_cost,
+    row_compatible,
+)
+from costmodel.extract import EGraphExport, ENode, FusionCosts, export_egraph, extract, fused_cost, kernel_outputs
 from costmodel.hardware import HardwareProfile
 from fusion.config import Config
 from rewrites.errors import RewriteError
@@ -46,6 +57,46 @@ def node_costs(ex: EGraphExport, hw: HardwareProfile | None) -> list[float]:
                     for ch in n.children]
         return enode_seconds(enode_cost(n.op, n.literals, children, ex.shape(n.cls), ex.dtype(n.cls)), hw)
     return [one(n) for n in ex.nodes]
+
+
+def _on_gpu(gm: torch.fx.GraphModule) -> bool:
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in vals)
+
+
+def original_choice(ex: EGraphExport, orig: dict) -> dict[int, int]:
+    """The input program as an extraction choice: its own e-nodes, leaves for the leaf classes."""
+    choice: dict[int, int] = {}
+    for j in orig.values():     # a no-op view merged with its input is a self-loop: the input's e-node stands
+        n = ex.nodes[j]
+        if n.cls not in n.children or n.cls not in choice:
+            choice[n.cls] = j
+    for n in ex.nodes:
+        if n.op in ("var", "scalar", "none"):
+            choice.setdefault(n.cls, n.id)
+    return choice
+
+
+def _child_shapes(ex: EGraphExport, n: ENode) -> list:
+    return [ex.shape(ch) if ex.nodes[ex.classes[ch][0]].op not in ("scalar", "none") else None for ch in n.children]
+
+
+def fusion_costs(ex: EGraphExport, hw: HardwareProfile | None, gpu: bool = False) -> FusionCosts:
+    """The kernel-boundary view of every e-node and e-class (see costmodel/extract.py)."""
+    dtypes = FUSIBLE_DTYPES_GPU if gpu else FUSIBLE_DTYPES_CPU
+    role, inside = [], []
+    for n in ex.nodes:
+        kids = _child_shapes(ex, n)
+        out, dt = ex.shape(n.cls), ex.dtype(n.cls)
+        role.append(enode_role(n.op, n.literals, kids, out, dt, dtypes))
+        inside.append(inside_cost(n.op, n.literals, kids, out, dt, hw) if role[-1] == "fusible" else 0.0)
+    write = {c: boundary_seconds(ex.shape(c), ex.dtype(c), hw, write=True) for c in ex.classes}
+    read = {c: boundary_seconds(ex.shape(c), ex.dtype(c), hw, write=False) for c in ex.classes}
+
+    def fuses(j: int, ch: int) -> bool:
+        n = ex.nodes[j]
+        return row_compatible(n.op, ex.shape(n.cls), ex.shape(ch))
+    return FusionCosts(role, inside, write, read, fuses)
 
 
 def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None = None) -> RewriteResult:
@@ -91,8 +142,17 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
         original = set(orig.values())
         costs = [c if j in original or c == 0.0 else c + TIE_BREAK_S for j, c in enumerate(costs)]
         roots = [ex.lets[n.name] for n in ins.roots]
-        before = sum(costs[j] for j in original)
-        result = extract(ex, roots, lambda n: costs[n.id], config.extract_time_limit_s)
+        # generated kernels: kernel-boundary-aware extraction; ATen only (codegen="aten"): each e-node a call
+        fc = fusion_costs(ex, hw, gpu=_on_gpu(gm)) if config.codegen != "aten" else None
+        if fc is not None:
+            fc.inside = [c if j in original or c == 0.0 else c + TIE_BREAK_S for j, c in enumerate(fc.inside)]
+        if fc is None:
+            before = sum(costs[j] for j in original)
+        else:
+            before = fused_cost(ex, original_choice(ex, orig), roots, costs, fc)
+            if not before < float("inf"):    # the input is not a choice of this e-graph (e.g. x*1 merged with x)
+                before = sum(costs[j] for j in original)
+        result = extract(ex, roots, lambda n: costs[n.id], config.extract_time_limit_s, fusion=fc)
     except RewriteError:
         raise
     except Exception as e:
@@ -100,7 +160,10 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     lap("extract")
     stats.update(enodes=ex.num_enodes, eclasses=len(ex.classes), extraction=result.method,
                  cost_before=before, cost_after=min(before, result.cost))
-    if not result.cost < before - TIE_BREAK_S:
+    kept = not result.cost < before - TIE_BREAK_S
+    if fc is not None:
+        stats["kernel_outputs"] = kernel_outputs(ex, original_choice(ex, orig) if kept else result.choice, roots, fc)
+    if kept:
         stats["kept_input"] = True
         return RewriteResult(gm, {}, stats)
 

@@ -6,6 +6,7 @@ import copy
 import math
 import time
 
+import pytest
 import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
@@ -15,12 +16,15 @@ from costmodel.egraph_cost import DEFAULT_PROFILE
 from costmodel.extract import (
     EGraphExport,
     ENode,
+    FusionCosts,
     Ref,
     dag_cost,
     export_egraph,
     extract,
     extract_greedy,
     extract_ilp,
+    fused_cost,
+    materialised,
 )
 from fusion.config import Config
 from rewrites import rewrite
@@ -169,6 +173,89 @@ def test_hardware_profile_is_used():
     slow = DEFAULT_PROFILE.__class__(**{**DEFAULT_PROFILE.to_json(), "kernel_overhead": 1e-3})
     a, b = rewrite(gm, Config()), rewrite(gm, Config(), slow)
     assert b.stats["cost_before"] > 100 * a.stats["cost_before"]
+
+
+# ---- kernel boundaries (fusion-aware extraction) ---------------------------------------------------
+
+
+def boundary_costs(ex, roles, inside, write, read, fuses=lambda j, c: True, hedge=0.0):
+    role = [roles.get(n.op, "fusible") for n in ex.nodes]
+    return FusionCosts(role, [inside.get(n.op, 0.0) for n in ex.nodes], write, read, fuses, hedge)
+
+
+def test_a_fusible_chain_costs_one_kernel_not_one_call_per_op():
+    # y = x.exp() * c, or an opaque op foo(x) computing the same. Alone (one call each): exp 1.0 + mul 1.0
+    # = 2.0 > foo 1.5, so the plain DAG model picks foo. Fused, exp*c is one kernel: its arithmetic
+    # (0.1 + 0.1), one read of x (0.3) and one write of y (0.4) = 0.9: the chain wins.
+    ex = egraph({0: [("var", ("x",))], 1: [("exp", (0,))], 2: [("mul", (1,)), ("foo", (0,))]})
+    alone = [0.0, 1.0, 1.0, 1.5]
+    roles = {"var": "leaf", "foo": "opaque"}
+    fc = boundary_costs(ex, roles, {"exp": 0.1, "mul": 0.1}, write={1: 0.4, 2: 0.4}, read={0: 0.3, 1: 0.3})
+    plain = extract(ex, [2], lambda n: alone[n.id], 5.0)
+    fused = extract(ex, [2], lambda n: alone[n.id], 5.0, fusion=fc)
+    assert ex.nodes[plain.choice[2]].op == "foo" and plain.cost == 1.5
+    assert ex.nodes[fused.choice[2]].op == "mul" and math.isclose(fused.cost, 0.9)
+    assert materialised(ex, fused.choice, [2], fc) == {0, 2}          # exp(x) stays in registers
+
+    # shapes that cannot share a row kernel: exp(x) must be written and read back (0.2 + 0.4 + 0.3 + 0.4
+    # + 0.3 = 1.6 > 1.5): now foo wins
+    split = boundary_costs(ex, roles, {"exp": 0.1, "mul": 0.1}, write={1: 0.4, 2: 0.4}, read={0: 0.3, 1: 0.3},
+                           fuses=lambda j, c: False)
+    r = extract(ex, [2], lambda n: alone[n.id], 5.0, fusion=split)
+    assert ex.nodes[r.choice[2]].op == "foo" and r.cost == 1.5
+    chain = {0: 0, 1: 1, 2: 2}
+    assert math.isclose(fused_cost(ex, chain, [2], alone, split), 1.6)
+
+    # an opaque consumer (a GEMM) forces its operand into memory: a second root mm(exp(x))
+    ex2 = egraph({0: [("var", ("x",))], 1: [("exp", (0,))], 2: [("mul", (1,))], 3: [("mm", (1,))]})
+    fc2 = boundary_costs(ex2, {"var": "leaf", "mm": "opaque"}, {"exp": 0.1, "mul": 0.1},
+                         write={1: 0.4, 2: 0.4, 3: 0.0}, read={0: 0.3, 1: 0.3})
+    r2 = extract(ex2, [2, 3], lambda n: [0.0, 1.0, 1.0, 5.0][n.id], 5.0, fusion=fc2)
+    assert materialised(ex2, r2.choice, [2, 3], fc2) == {0, 1, 2, 3}
+    assert math.isclose(r2.cost, 0.1 + 0.1 + 5.0 + 0.4 + 0.4 + 0.3 + 0.3)   # writes exp(x), y; reads x, exp(x)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fusion_aware_ilp_is_optimal(seed):
+    """Random e-graphs (shared children, alternatives, fusible/opaque/view roles, shape splits, a hedge):
+    the ILP's program costs exactly the minimum over every possible choice, by enumeration."""
+    import itertools
+    import random
+    rng = random.Random(seed)
+    spec = {0: [("var", ("x",))], 1: [("var", ("w",))]}
+    for c in range(2, rng.randint(5, 8)):
+        spec[c] = [(rng.choice(["f", "f", "g", "v"]) + str(k), tuple(rng.sample(range(c), rng.randint(1, min(2, c)))))
+                   for k in range(rng.randint(1, 2))]
+    ex = egraph(spec)
+    role = ["leaf" if n.op == "var" else {"f": "fusible", "g": "opaque", "v": "view"}[n.op[0]] for n in ex.nodes]
+    alone = [0.0 if r == "leaf" else rng.uniform(0.5, 2.0) for r in role]
+    split = {(j, c) for j, n in enumerate(ex.nodes) for c in n.children if rng.random() < 0.3}
+    fc = FusionCosts(role, [rng.uniform(0.0, 0.3) for _ in role],
+                     {c: rng.uniform(0.1, 0.6) for c in ex.classes}, {c: rng.uniform(0.1, 0.6) for c in ex.classes},
+                     lambda j, c: (j, c) not in split, rng.choice([0.0, 0.05]))
+    roots = sorted(rng.sample(range(2, len(spec)), rng.randint(1, 2)))
+    best = min(fused_cost(ex, dict(zip(ex.classes, pick)), roots, alone, fc)
+               for pick in itertools.product(*ex.classes.values()))
+    r = extract(ex, roots, lambda n: alone[n.id], 10.0, fusion=fc)
+    assert math.isclose(r.cost, best, rel_tol=1e-9), (r.method, r.status)
+
+
+def test_real_graph_prices_a_decomposed_softmax_as_one_kernel():
+    """Hand-written softmax: with generated kernels the input program is already about one kernel (the
+    scheduler fuses it), so its predicted cost is close to the fused op's; on the ATen-only path
+    (codegen="aten") every op is its own call and round trip through memory."""
+    class M(nn.Module):
+        def forward(self, x):
+            e = torch.exp(x - x.amax(-1, keepdim=True))
+            return e / e.sum(-1, keepdim=True)
+
+    gm, args = capture(M(), torch.randn(2048, 1024))
+    kernels, aten_only = rewrite(gm, Config()), rewrite(gm, Config(codegen="aten"))
+    assert "softmax" in kernels.fired and "softmax" in aten_only.fired
+    assert kernels.stats["cost_before"] < 1.5 * kernels.stats["cost_after"]
+    assert aten_only.stats["cost_before"] > 1.8 * aten_only.stats["cost_after"]
+    assert kernels.stats["kernel_outputs"] == 1
+    assert torch.allclose(kernels.gm(*args)[0], M()(*args), rtol=1e-5, atol=1e-6)
 
 
 # ---- scale --------------------------------------------------------------------------------------
