@@ -60,6 +60,21 @@ def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: floa
             lines.append(f"  {rule:<24} replaced {len(nodes):>4} nodes: {shown}")
     else:
         lines.append("  (none)")
+    sites = (stats or {}).get("sites") or []
+    if sites:
+        lines += ["", "choices per site (predicted time of the whole program with each alternative; "
+                  "extraction takes the cheapest):"]
+        for site in sites:
+            chosen = site["chosen"]
+            lines.append(f"  {site['rule']:<12} at {site['node']:<16} chosen  {chosen['form']:<30} "
+                         f"{_fmt_time(chosen['cost_s']):>10}")
+            for alt in site["alternatives"]:
+                delta = alt["cost_s"] - chosen["cost_s"]
+                label = "as written: " + alt["form"] if alt["as_written"] else alt["form"]
+                lines.append(f"  {'':<12}    {'':<16} instead {label:<30} {_fmt_time(alt['cost_s']):>10}"
+                             f"  ({'+' if delta >= 0 else '-'}{_fmt_time(abs(delta)).strip()})")
+            if not site["alternatives"]:
+                lines.append(f"  {'':<12}    {'':<16} (no other form of this value in the e-graph)")
     if log.approx is not None:
         lines += ["", "approximate rewrites (opt-in; relu_attention is exact only for models trained with it):",
                   "  " + log.approx.summary().replace("\n", "\n  ")]

@@ -5,6 +5,7 @@
         saturate    rule families under Config limits                                  rewrites/saturate.py
         extract     export, roofline cost per e-node, DAG ILP                           costmodel/extract.py
         rebuild     chosen program -> GraphModule (names and meta kept)                 rewrites/rebuild.py
+        sites       per fusion site: the alternatives, each priced as a whole program   rewrites/sites.py
 
 Extraction is kernel-boundary aware (`costmodel.extract.FusionCosts`): a pointwise chain the
 scheduler will fuse is priced as one kernel, not as one call per op. The result is never predicted
@@ -36,6 +37,7 @@ from rewrites.insert import insert
 from rewrites.rebuild import original_enodes, rebuild
 from rewrites.rules import FAMILIES
 from rewrites.saturate import saturate
+from rewrites.sites import site_alternatives
 
 #: added to the cost of every e-node that is not in the input, so ties keep the input's form
 TIE_BREAK_S = 1e-12
@@ -174,4 +176,9 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     except Exception as e:
         raise RewriteError("rebuild", f"{type(e).__name__}: {e}") from e
     lap("rebuild")
+    if fired:
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        sites = site_alternatives(ex, ins, result.choice, roots, costs, fc, original_choice(ex, orig), original)
+        stats["sites"] = sorted(sites, key=lambda site: order.get(site["node"], len(order)))
+        lap("alternatives")
     return RewriteResult(new_gm, fired, stats)

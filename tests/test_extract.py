@@ -258,6 +258,23 @@ def test_real_graph_prices_a_decomposed_softmax_as_one_kernel():
     assert torch.allclose(kernels.gm(*args)[0], M()(*args), rtol=1e-5, atol=1e-6)
 
 
+def test_explain_lists_the_alternatives_of_each_site():
+    m = Block()
+    gm, args = capture(m, torch.randn(2, 8, 32))
+    r = rewrite(gm, Config())
+    sites = {s["rule"]: s for s in r.stats["sites"]}
+    assert {"layer_norm", "attention", "rms_norm", "gelu_tanh", "silu"} <= set(sites)
+    for site in sites.values():
+        written = [a for a in site["alternatives"] if a["as_written"]]
+        assert written, site                       # the form as written was considered ...
+        assert all(a["cost_s"] >= site["chosen"]["cost_s"] for a in site["alternatives"])   # ... and costs more
+    assert sites["attention"]["chosen"]["form"].startswith("attention")
+
+    import fusion
+    text = fusion.optimize(m, (torch.randn(2, 8, 32),)).explain()
+    assert "choices per site" in text and "as written: " in text
+
+
 # ---- scale --------------------------------------------------------------------------------------
 
 
