@@ -49,6 +49,14 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
 
 
+def bandwidth_figures(nbytes: float, seconds: float, copy_bw: float) -> dict:
+    """GB/s and the fraction of the calibrated copy bandwidth (MBU) of `nbytes` moved in `seconds`:
+    the same functions fusion.analyze uses for its MBU column (costmodel.hardware.mbu)."""
+    from costmodel.hardware import achieved_bandwidth, mbu
+
+    return {"gbps": achieved_bandwidth(nbytes, seconds) / 1e9, "frac_copy_bw": mbu(nbytes, seconds, copy_bw)}
+
+
 def compile_variant(fn, variant: str):
     if variant == "eager":
         return fn
@@ -170,8 +178,7 @@ def _run_case(case: Case, variants, args, copy_bw: float, hw=None) -> dict:
                 r.update(median_s=med, min_s=min(times), max_s=max(times), n=len(times),
                          spread=(q[2] - q[0]) / med if med else 0.0, cpu_s=cpu)
                 if mb:
-                    r["gbps"] = mb / med / 1e9
-                    r["frac_copy_bw"] = mb / med / copy_bw if copy_bw else None
+                    r.update(bandwidth_figures(mb, med, copy_bw))
                 del f, out
             except Exception as e:                     # any variant may fail; the others still run
                 r = {"error": _short(e)}

@@ -40,6 +40,20 @@ class HardwareProfile:
         return asdict(self)
 
 
+def achieved_bandwidth(nbytes: float, seconds: float) -> float:
+    """Bytes moved per second (bytes read + bytes written, over the measured time)."""
+    return nbytes / seconds
+
+
+def mbu(nbytes: float, seconds: float | None, peak_bandwidth: float) -> float | None:
+    """Memory-bandwidth utilisation: achieved bytes/s over `peak_bandwidth` (on CPUs the calibrated copy
+    bandwidth, HardwareProfile.copy_bandwidth). Shared by fusion.analyze (and its before/after comparison)
+    and bench/run.py's "% copy" column, so their figures agree. None without a time or a bandwidth."""
+    if not seconds or not peak_bandwidth:
+        return None
+    return achieved_bandwidth(nbytes, seconds) / peak_bandwidth
+
+
 def current_profile(cache_dir: str | None = None) -> HardwareProfile:
     from costmodel.calibrate import load_or_calibrate
 

@@ -3,10 +3,12 @@
     torch.compile(model, backend="fusion")                # as a torch.compile backend
     opt = fusion.optimize(model, example_inputs)          # standalone, inspectable
     print(opt.explain()); opt.report()
+    fusion.analyze(model, example_inputs); fusion.compare(model, example_inputs)   # analysis, before/after
 """
 from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
 from fusion.analysis import Analysis, analyze
 from fusion.api import OptimizedModule, optimize
+from fusion.comparison import Comparison, compare
 from fusion.backend import fusion_backend, register as _register_backend
 from fusion.config import Config, ConfigError
 from fusion.program import LoadedProgram, load
@@ -14,6 +16,7 @@ from fusion.errors import FusionError, FusionFallbackWarning, FusionInputError
 
 __all__ = [
     "Analysis",
+    "Comparison",
     "Config",
     "ConfigError",
     "FusionError",
@@ -21,6 +24,7 @@ __all__ = [
     "FusionInputError",
     "OptimizedModule",
     "analyze",
+    "compare",
     "explain_last",
     "fusion_backend",
     "load",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fusion import kernel_cache, runtime
+from fusion import kernel_cache, progress, runtime
 from fusion import schedule as S
 from fusion.codegen import cpp
 from fusion.codegen import prims as P
@@ -366,6 +366,7 @@ def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None,
         source = cpp.render_module(irs)
     except Exception as e:  # a bug in rendering: name the kernels
         raise CodegenError("render", [ir.name for ir in irs], repr(e)) from e
+    progress.stage(f"lower: compile {len(irs)} kernels")
     try:
         cpp_path, so_path = kernel_cache.build(source, config.cache_dir)
         lib = kernel_cache.load(so_path)

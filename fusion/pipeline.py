@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
+from fusion import progress
 from fusion.capture import normalize
 from fusion.config import Config
 from fusion.errors import warn_fallback
@@ -44,6 +45,7 @@ class CompileLog:
     approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
+        progress.stage(name if name != "rewrite" else "rewrite (e-graph: saturate, extract)")
         t0 = time.perf_counter()
         try:
             out = fn(*args)

@@ -1,7 +1,7 @@
 """Built-in proxy workloads: transformer blocks written the way model code writes them by hand.
 
-They exercise every exact rewrite family (softmax with masks, layer norm, RMSNorm, GELU, SiLU/SwiGLU)
-and are what `python -m fusion demo|analyze|bench` run when no user model is given.
+They exercise every exact rewrite family (softmax with masks, layer norm, RMSNorm, erf and tanh GELU,
+SiLU/SwiGLU) and are what `python -m fusion demo|optimize|analyze|bench` run by name (bert, gpt2, llama).
 """
 from __future__ import annotations
 
@@ -71,6 +71,31 @@ class LlamaBlock(nn.Module):
         return x + self.down(g * torch.sigmoid(g) * self.up(h))
 
 
+class GPT2Block(nn.Module):
+    """Pre-LN decoder block as GPT-2 writes it: nn.LayerNorm, one fused q/k/v projection split in three,
+    causal mask by torch.where on a lower-triangular buffer, the tanh GELU written out (gelu_new)."""
+
+    def __init__(self, d: int = 768, heads: int = 12, ffn: int = 3072, max_positions: int = 2048):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        causal = torch.ones(max_positions, max_positions, dtype=torch.bool).tril()
+        self.register_buffer("bias", causal.view(1, 1, max_positions, max_positions), persistent=False)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = (t.view(B, S, self.h, self.dh).transpose(1, 2) for t in self.c_attn(self.ln_1(x)).split(D, dim=2))
+        w = (q @ k.transpose(-1, -2)) / math.sqrt(self.dh)
+        w = torch.where(self.bias[:, :, :S, :S], w, torch.finfo(w.dtype).min)
+        a = (w.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+        x = x + self.c_proj(a)
+        h = self.c_fc(self.ln_2(x))
+        h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+        return x + self.mlp_proj(h)
+
+
 def bert_block_inputs(batch: int = 4, seq: int = 128, d: int = 768) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(batch, seq, d)
     keep = torch.ones(batch, seq)
@@ -81,5 +106,6 @@ def bert_block_inputs(batch: int = 4, seq: int = 128, d: int = 768) -> tuple[tor
 
 WORKLOADS = {
     "bert": (lambda: BertBlock(), lambda: bert_block_inputs()),
+    "gpt2": (lambda: GPT2Block(), lambda: (torch.randn(4, 128, 768),)),
     "llama": (lambda: LlamaBlock(), lambda: (torch.randn(4, 128, 512),)),
 }

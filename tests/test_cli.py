@@ -1,0 +1,96 @@
+"""`python -m fusion`: user models as package.module:factory, optimize/analyze --json, --save, --progress."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusion
+from fusion.__main__ import load_model, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cache_dir: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if cache_dir is not None:
+        env["FUSION_CACHE_DIR"] = str(cache_dir)
+    r = subprocess.run([sys.executable, "-m", "fusion", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_analyze_json_with_memory_plot(tmp_path):
+    png = tmp_path / "memory.png"
+    r = run_cli("analyze", "tests.cli_models:tiny", "--json", "--no-measure", "--seqs", "16,64",
+                "--memory-plot", str(png))
+    doc = json.loads(r.stdout)
+    assert doc["label"] == "TinyDecoder" and doc["totals"]["flops"] > 0 and doc["totals"]["measured_s"] is None
+    assert doc["kv_cache"]["bytes_per_token"] == 2 * 2 * 16 * 4          # 2 KV heads of 16, fp32
+    assert [m["seq"] for m in doc["memory"]] == [16, 64]
+    assert doc["memory"][1]["kv_cache"] == 64 * 2 * 2 * 16 * 4
+    assert doc["memory"][0]["activations"] < doc["memory"][1]["activations"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_optimize_model_only_factory_json_save_progress(tmp_path):
+    from costmodel.calibrate import load_or_calibrate, profile_path
+
+    load_or_calibrate()                        # a cold cache (every pass runs), with this machine's profile
+    cold = tmp_path / "cache"
+    (cold / "profiles").mkdir(parents=True)
+    shutil.copy(profile_path(), profile_path(str(cold)))
+    out = tmp_path / "prog"
+    r = run_cli("optimize", "tests.cli_models:tiny_model_only", "--input-shape", "2x32x64", "--json",
+                "--save", str(out), "--progress", cache_dir=cold)
+    doc = json.loads(r.stdout)
+    cmp = doc["comparison"]
+    assert cmp["after"]["fused_kernels"] >= 1 and cmp["after"]["kernels"] < cmp["before"]["kernels"]
+    assert cmp["after"]["bytes"] < cmp["before"]["bytes"]
+    assert doc["kernels"] and all(k["measured_s"] for k in doc["kernels"])
+    assert [p["name"] for p in doc["graphs"][0]["passes"]][:3] == ["normalize", "rewrite", "lower"]
+    for stage in ("capture", "normalize", "rewrite (e-graph: saturate, extract)", "lower", "done"):
+        assert stage in r.stderr                 # --progress: one line per pass when stderr is not a terminal
+    assert doc["saved"] == str(out) and (out / "program.json").is_file()
+    from tests.cli_models import tiny_model_only
+
+    model, x = tiny_model_only(), torch.randn(2, 32, 64)
+    with torch.no_grad():
+        ref = model(x)
+    again = fusion.load(str(out))(x)
+    assert ((again - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_text_commands_with_a_user_model(capsys):
+    assert main(["analyze", "tests.cli_models:tiny", "--no-measure", "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "total:" in text and "KV cache" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert main(["bench", "tests.cli_models:tiny", "--variants", "eager,fusion"]) == 0
+    text = capsys.readouterr().out
+    row = [line for line in text.splitlines() if line.startswith("tiny")]
+    assert len(row) == 1 and "ms" in row[0] and max(len(line) for line in text.splitlines()) <= 100
+    assert main(["explain", "tests.cli_models:tiny", "--no-progress"]) == 0
+    assert "kernels:" in capsys.readouterr().out
+
+
+def test_model_spec_errors():
+    with pytest.raises(SystemExit, match="--input-shape"):
+        load_model("tests.cli_models:tiny_model_only")
+    with pytest.raises(SystemExit, match="must return"):
+        load_model("tests.cli_models:not_a_model")
+    with pytest.raises(SystemExit, match="cannot load"):
+        load_model("tests.cli_models:missing")
+    with pytest.raises(SystemExit, match="unknown model"):
+        load_model("gpt5")
+    model, inputs = load_model("tests.cli_models:tiny_model_only", ["2x8x64", "3:int64"])
+    assert inputs[0].shape == (2, 8, 64) and inputs[1].dtype == torch.int64
+    model, inputs = load_model("gpt2")
+    assert type(model).__name__ == "GPT2Block" and inputs[0].shape == (4, 128, 768)
