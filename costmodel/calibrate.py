@@ -11,7 +11,8 @@ shared machine the minimum is the least noisy estimate of what the hardware can 
 What is measured (units: bytes/s, FLOP/s, evaluations/s, seconds):
     copy_bandwidth        dst.copy_(src) of a 256 MB tensor (>= 4x L3), (read + write bytes) / s
     cache_bandwidth       the same copy with a 2 x 4 MB working set (fits the last-level cache)
-    gemm_flops            torch.mm out= at 1024 (fp32) / 2048 (bf16), torch._int_mm at 2048 (int8)
+    gemm_flops            torch.mm out= at 1024 (fp32) / 2048 (bf16), torch._int_mm at 2048 (int8); and
+                          "float32_onednn": oneDNN's fp32 linear at 1024 (fusion/gemm.py picks the faster)
     vector_flops          torch.addcmul(a, b, c, out=o) on an in-cache working set, 2 FLOPs/element, as
                           the slope between 32 k and 256 k elements (per-call costs cancel: _slope_rate).
                           Conservative: ATen pointwise ops are load/store bound even in cache; a fused
@@ -64,6 +65,8 @@ _clock = time.perf_counter
 #: call); view/graph-call/parallel overheads and the small-GEMM curve exist. 3: slope-based rates, ATen
 #: op rates (gelu/silu/softmax) and generated-kernel rates. Older files are re-measured.
 SCHEMA = 3
+#: gemm_flops key of oneDNN's fp32 GEMM (the library fusion/gemm.py may choose instead of MKL)
+ONEDNN_KEY = "float32_onednn"
 MB = 1 << 20
 
 
@@ -218,6 +221,15 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
             save_profile(hw, path)
         except OSError as e:                           # read-only home etc.: keep the in-memory profile
             print(f"costmodel: could not store the profile at {path}: {e}", file=sys.stderr)
+    elif ONEDNN_KEY not in hw.gemm_flops:              # a profile from before the GEMM-library choice:
+        ratio = _onednn_over_mkl(512, 3)               # measure the ratio now, scale the stored MKL rate
+        if ratio:
+            rate = ratio * hw.gemm_flops.get("float32", 0.0)
+            hw = dataclasses.replace(hw, gemm_flops={**hw.gemm_flops, ONEDNN_KEY: rate})
+            try:
+                save_profile(hw, path)
+            except OSError:
+                pass
     _MEMO[memo_key] = hw
     return hw
 
@@ -265,6 +277,27 @@ def _fresh_write(nbytes: int, reps: int) -> tuple[float, float]:
     extra = t_fresh - t_reuse
     fault_bw = n * 4 / extra if extra > 1e-6 else 0.0
     return fresh_bw, fault_bw
+
+
+def _gemm_flops_onednn(n: int, reps: int) -> float:
+    """fp32 FLOP/s of oneDNN's linear (what fusion/gemm.py calls instead of ATen's MKL mm), 0 without it."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return 0.0
+        op = torch.ops.mkldnn._linear_pointwise.default
+        a, w = torch.randn(n, n), torch.randn(n, n)
+        return 2 * n**3 / _best(lambda: op(a, w, None, "none", [], ""), reps)
+    except (AttributeError, RuntimeError):
+        return 0.0
+
+
+def _onednn_over_mkl(n: int, rounds: int) -> float:
+    """oneDNN fp32 GEMM rate / MKL's (torch.mm), measured alternately so that load hits both alike."""
+    mkl, dnn = [], []
+    for _ in range(rounds):
+        mkl.append(_gemm_flops(torch.float32, n, 2))
+        dnn.append(_gemm_flops_onednn(n, 2))
+    return max(dnn) / max(mkl) if max(mkl) and max(dnn) else 0.0
 
 
 def _gemm_flops(dtype: torch.dtype, n: int, reps: int) -> float:
@@ -463,6 +496,10 @@ def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
             "bfloat16": step("gemm16", lambda: _gemm_flops(torch.bfloat16, 2048 if full else 256, 3 if full else 2)),
             "int8": step("gemm8", lambda: _gemm_flops(torch.int8, 2048 if full else 256, 3 if full else 2)),
         }
+        # oneDNN vs MKL: the ratio, measured alternately (a busy machine hurts oneDNN's OpenMP threads
+        # much more than MKL's; measured one after the other the two rates are not comparable)
+        ratio = step("gemm32-onednn", lambda: _onednn_over_mkl(512 if full else 256, 3 if full else 2))
+        gemm[ONEDNN_KEY] = ratio * gemm["float32"]
         gemm = {k: v for k, v in gemm.items() if v > 0}
         gemm.setdefault("float32", 1e10)
         vec = step("vector", lambda: _vector_flops(1 << 18 if full else 1 << 15, reps))    # 4 x 1 MB: in cache

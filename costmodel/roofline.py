@@ -102,7 +102,12 @@ class Cost:
         if not self.gemm_flops:
             return 0.0
         peak = hw.gemm_flops.get(self.gemm_dtype) or hw.gemm_flops.get("float32") or 1e12
-        curve = (getattr(hw, "gemm_curve", None) or {}).get(self.gemm_dtype)
+        curves = getattr(hw, "gemm_curve", None) or {}
+        curve = curves.get(self.gemm_dtype)
+        if curve is None and self.gemm_dtype == "float32_onednn" and curves.get("float32"):
+            # oneDNN's small-size curve is not measured: MKL's fp32 curve scaled by the ratio of the peaks
+            k = peak / (hw.gemm_flops.get("float32") or peak)
+            curve = [[f, r * k] for f, r in curves["float32"]]
         n = self.gemm_calls or self.calls or 1
         return self.gemm_flops / gemm_rate(curve, self.gemm_flops / n, peak)
 
@@ -436,7 +441,7 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
     c = Cost()
     if name in ("addmm", "baddbmm", "addbmm", "addmv"):
         a, bias_extra = (ins[1] if len(ins) > 1 else ins[0]), True
-    elif name == "linear":
+    elif name in ("linear", "_linear_pointwise"):     # (x, weight[N, K], bias or None, ...)
         a, bias_extra = ins[0], len(ins) > 2
     else:
         a, bias_extra = ins[0], False
@@ -450,6 +455,8 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
     c.gemm_dtype = "int8" if name in ("_int_mm", "_weight_int8pack_mm") else _dtype_name(a)
     if name == "_scaled_mm":
         c.gemm_dtype = _dtype_name(a)
+    if name == "_linear_pointwise" and c.gemm_dtype == "float32":
+        c.gemm_dtype = "float32_onednn"     # oneDNN's rate (calibrate: gemm_flops["float32_onednn"])
     osh = shape_of(outs[0]) if outs else ()
     if name in ("bmm", "baddbmm") and len(osh) == 3:
         c.gemm_calls = float(osh[0])        # B independent [M, K] x [K, N] problems

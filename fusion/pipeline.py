@@ -43,6 +43,7 @@ class CompileLog:
     kernels: list = field(default_factory=list)       # lower.KernelInfo
     fallbacks: list[str] = field(default_factory=list)
     approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
+    onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/gemm.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name if name != "rewrite" else "rewrite (e-graph: saturate, extract)")
@@ -145,6 +146,8 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
             gm = lowered.gm
             log.kernels = lowered.kernels
 
+    gm = log.run("gemm", _gemm, gm, hw, log, config=config, fallback=gm)
+
     return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config, rewritten, original))
 
 
@@ -201,6 +204,14 @@ def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args
     from fusion.approx import apply_approximations
 
     return apply_approximations(gm, config, weights, example_args)
+
+
+def _gemm(gm: fx.GraphModule, hw: Any, log: CompileLog) -> fx.GraphModule:
+    """fp32 CPU matrix products to the faster GEMM library by the profile (fusion/gemm.py)."""
+    from fusion.gemm import use_onednn_gemms
+
+    gm, log.onednn_gemms = use_onednn_gemms(gm, hw)    # a new module when it changes anything
+    return gm
 
 
 def _lower(gm: fx.GraphModule, config: Config, hw: Any) -> Any:

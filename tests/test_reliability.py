@@ -188,7 +188,10 @@ def test_batchnorm_train_step_updates_running_stats_like_eager():
         out.square().mean().backward()
         out_ref.square().mean().backward()
         for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-            close(p.grad, q.grad)
+            if name == "0.bias":   # a bias right before BatchNorm has gradient 0 in exact math: both are
+                assert (p.grad - q.grad).abs().max() < 1e-6    # rounding noise (~1e-9), compare absolutely
+            else:
+                close(p.grad, q.grad)
         opt_m.step(), opt_ref.step()
         opt_m.zero_grad(), opt_ref.zero_grad()
         bn, bn_ref = m[1], ref[1]

@@ -1,0 +1,115 @@
+"""GEMM library choice: fp32 matrix products on the CPU go to the faster of MKL and oneDNN.
+
+ATen's `mm`/`addmm` call MKL's sgemm. On some CPUs another library is much faster at the very same
+product: on this machine (AMD EPYC, Zen 5) MKL takes its AVX2 path (~100 GFLOP/s per core) while
+oneDNN's AVX-512 kernels reach ~230 (`python -m costmodel.calibrate` measures both: `gemm_flops`
+"float32" and "float32_onednn"). The pass rewrites
+
+    mm(a, permute(w, [1, 0]))            ->  mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    addmm(bias, a, permute(w, [1, 0]))   ->  mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+    mm(a, b)                             ->  mkldnn._linear_pointwise(a, permute(b, [1, 0]), None, ...)
+
+only when the stored hardware profile says oneDNN is at least `MIN_SPEEDUP` faster. The weight is
+passed as it is (a view, never packed or copied: seed 000); the result is the same product in fp32
+(another summation order: relative differences ~1e-6). Anything else (bmm, other dtypes, CUDA, an
+addmm with alpha/beta or a 2-D bias) stays as it is.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+MIN_SPEEDUP = 1.15
+ONEDNN_KEY = "float32_onednn"
+
+
+def onednn_linear() -> Any:
+    """torch.ops.mkldnn._linear_pointwise.default, or None when this torch has no oneDNN."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def prefers_onednn(hw: Any) -> bool:
+    rates = getattr(hw, "gemm_flops", None) or {}
+    mkl, dnn = rates.get("float32", 0.0), rates.get(ONEDNN_KEY, 0.0)
+    return bool(mkl and dnn and dnn >= MIN_SPEEDUP * mkl) and onednn_linear() is not None
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _cpu_fp32_2d(n: Any) -> bool:
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32 and v.dim() == 2
+
+
+def _weight_of(graph: fx.Graph, b: fx.Node, before: fx.Node) -> fx.Node:
+    """A [N, K] view of the [K, N] operand b: the un-transposed tensor when b is one's transpose."""
+    if b.target in (aten.permute.default, aten.t.default) and isinstance(b.args[0], fx.Node):
+        src = b.args[0]
+        dims = b.args[1] if b.target is aten.permute.default else [1, 0]
+        if list(dims) == [1, 0] and _cpu_fp32_2d(src):
+            return src
+    with graph.inserting_before(before):
+        w = graph.call_function(aten.permute.default, (b, [1, 0]))
+    w.meta["val"] = _val(b).permute(1, 0)
+    return w
+
+
+def use_onednn_gemms(gm: fx.GraphModule, hw: Any) -> tuple[fx.GraphModule, int]:
+    """Rewrite fp32 CPU mm/addmm to oneDNN's linear when the profile says it is faster; (gm, count)."""
+    if not prefers_onednn(hw):
+        return gm, 0
+    linear = onednn_linear()
+    if not any(n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default) for n in gm.graph.nodes):
+        return gm, 0
+    graph = fx.Graph()                      # work on a copy: the input graph may be a fallback of the caller
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    count = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        if n.target is aten.mm.default:
+            (a, b), bias = n.args[:2], None
+            if n.kwargs:
+                continue
+        else:
+            bias, a, b = n.args[:3]
+            if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1 or len(n.args) > 3:
+                continue
+            bv = _val(bias)
+            if not (isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.dtype == torch.float32
+                    and bv.device.type == "cpu" and bv.shape[0] == _val(n).shape[-1]):
+                continue
+        if not (_cpu_fp32_2d(a) and _cpu_fp32_2d(b) and _cpu_fp32_2d(n)):
+            continue
+        k = _val(a).shape[1]
+        if not isinstance(k, int) or k == 0:   # oneDNN has no empty reduction; a symbolic K stays on ATen
+            continue
+        w = _weight_of(graph, b, n)
+        with graph.inserting_before(n):
+            new = graph.call_function(linear, (a, w, bias, "none", [], ""))
+        new._rename("linear")                 # reads as what it is in gm.code
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        if b is not w and not b.users and b.target in (aten.permute.default, aten.t.default):
+            graph.erase_node(b)               # the transpose we looked through, now unused
+        count += 1
+    if not count:
+        return gm, 0
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta.update(gm.meta)
+    return new_gm, count
