@@ -1,6 +1,8 @@
 """`fusion.optimize`: capture a model, compile its graph, return a module that runs the fused program.
 
-Capture first tries `torch.export` (one whole graph, weights lifted to placeholders bound by name). Models
+Before capturing, the structural cache is consulted (fusion/structural.py): a module whose computation,
+traced on fake tensors, matches a program compiled before (any weights) reuses it without capture. Capture
+then tries `torch.export` (one whole graph, weights lifted to placeholders bound by name). Models
 export cannot take (data-dependent Python, outputs of unregistered types such as HF caches) are captured
 by Dynamo instead — the same path as `torch.compile(backend="fusion")` — possibly as several graphs.
 """
@@ -14,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fusion import structural
 from fusion.capture import Captured, capture_module, check_inputs
 from fusion.config import Config
 from fusion.errors import FusionInputError, warn_fallback
@@ -47,15 +50,40 @@ class OptimizedModule(torch.nn.Module):
         self._variants: dict[tuple, tuple[Captured, list[Any], CompiledGraph]] = {}
 
     # -- construction ----------------------------------------------------------------------------
-    def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict) -> None:
+    def _from_structural_cache(self, args: Sequence[Any], kwargs: dict) -> tuple[bool, str | None]:
+        """Look the module up in the structural cache before capturing it (fusion/structural.py).
+        Returns (hit, key): on a hit the variant is ready; on a miss, `key` is where to store it."""
+        if kwargs:
+            return False, None
+        t0 = time.perf_counter()
+        try:
+            key = structural.signature(self.original, args, self.config)
+            hit = structural.lookup(key, self.original, self.config)
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation: capture as usual
+            structural.log.debug("structural cache skipped: %s: %s", type(e).__name__, e)
+            return False, None
+        if hit is None:
+            return False, key
+        if not self._variants:
+            self.capture_method = "structural cache"
+            self.capture_note = (" (torch.export skipped: the module's computation, traced on fake tensors, "
+                                 f"matched a cached program; {time.perf_counter() - t0:.2f} s)")
+        self._add_variant(hit.captured, hit.graph, args, kwargs)
+        return True, None
+
+    def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict, key: str | None = None) -> None:
         self.capture_method = "torch.export"
-        accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
         weights = flat = None
         if self.config.approximate:  # the accuracy guard runs the program on the example inputs
             from fusion.approx import bind
 
             weights, flat = bind(self.original, captured, args)
         graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat)
+        structural.store(key, captured, graph, self.config)
+        self._add_variant(captured, graph, args, kwargs)
+
+    def _add_variant(self, captured: Captured, graph: CompiledGraph, args: Sequence[Any], kwargs: dict) -> None:
+        accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
         if not self._variants:
             self._captured, self._accessors = captured, accessors
             self.graphs = [graph]
@@ -97,7 +125,9 @@ class OptimizedModule(torch.nn.Module):
         variant = self._variants.get(_signature(args, kwargs))
         if variant is None:
             try:
-                self._use_export(capture_module(self.original, args), args, kwargs)
+                hit, key = self._from_structural_cache(args, kwargs)
+                if not hit:
+                    self._use_export(capture_module(self.original, args), args, kwargs, key)
             except Exception as e:  # noqa: BLE001
                 warn_fallback("capture", f"new input shapes: {type(e).__name__}: {e}".splitlines()[0][:300],
                               what_runs="the original module runs for these inputs")
@@ -111,7 +141,7 @@ class OptimizedModule(torch.nn.Module):
             for i, target in cap.buffer_mutations.items():
                 self._accessor(cap, "buffer", target)().copy_(outs[i])
             outs = [o for i, o in enumerate(outs) if i not in cap.buffer_mutations]
-        return pytree.tree_unflatten(list(outs), cap.program.call_spec.out_spec)
+        return pytree.tree_unflatten(list(outs), cap.out_spec)
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -180,6 +210,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     example_inputs = check_inputs(model, example_inputs)
     opt = OptimizedModule(model, config, example_inputs)
     t0 = time.perf_counter()
+    hit, key = opt._from_structural_cache(example_inputs, {})
+    if hit:  # nothing to capture or compile
+        opt.capture_seconds = time.perf_counter() - t0
+        return opt
     try:
         captured = capture_module(model, example_inputs)
     except Exception as export_error:  # noqa: BLE001 - try the more permissive capture
@@ -196,7 +230,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         opt.capture_seconds = time.perf_counter() - t0
         return opt
     opt.capture_seconds = time.perf_counter() - t0
-    opt._use_export(captured, example_inputs, {})
+    opt._use_export(captured, example_inputs, {}, key)
     return opt
 
 

@@ -2,6 +2,8 @@
 
 Layout under the cache dir ($FUSION_CACHE_DIR, else ~/.cache/fusion; created private to the user):
     graphs/<key>.json     rewritten graphs (structure only, never weights), keyed by graph_key + config + versions
+    modules/<key>.json    whole compiled programs (lowered graph, kernel specs and sources; never weights), keyed
+                          by the module's computation traced on fake tensors (structural.py), consulted before capture
     kernels/...           compiled kernels (see kernel_cache.py)
     profiles/...          calibrated hardware profiles
 Every entry is written to a temporary file and renamed into place, so concurrent processes never see a

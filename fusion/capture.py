@@ -25,11 +25,12 @@ aten = torch.ops.aten
 class Captured:
     """An exported program split into what the compiler sees and how to call it."""
 
-    gm: fx.GraphModule                  # lifted graph: placeholders = [weights/buffers/constants..., user inputs...]
-    program: ExportedProgram
+    gm: fx.GraphModule | None           # lifted graph: placeholders = [weights/buffers/constants..., user inputs...]
+    program: ExportedProgram | None     # None when the program came from the structural cache (no capture ran)
     input_bindings: list[tuple[str, str]]   # per placeholder: (kind, name) kind in {"param","buffer","constant","user"}
     buffer_mutations: dict[int, str] = field(default_factory=dict)  # output index -> buffer FQN it updates
     num_user_outputs: int = 0
+    out_spec: Any = None                # pytree spec of the model's output (how flat outputs are put together)
 
 
 def check_inputs(model: Any, example_inputs: Any) -> tuple[Any, ...]:
@@ -97,7 +98,7 @@ def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Cap
         else:
             raise NotImplementedError(f"output kind {spec.kind} is not supported")
     gm = normalize(gm)
-    return Captured(gm, ep, bindings, mutations, n_user)
+    return Captured(gm, ep, bindings, mutations, n_user, ep.call_spec.out_spec)
 
 
 # ----------------------------------------------------------------------------------------------

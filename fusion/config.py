@@ -29,6 +29,9 @@ class Config:
     cache_dir:     where compiled kernels and profiles live; None = $FUSION_CACHE_DIR or ~/.cache/fusion.
     fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
     verbose:       print each pass and its timing.
+    structural_cache: look the module up in the structural cache before capturing it (fusion/structural.py):
+                   the same architecture optimized before, with any weights, skips torch.export, rewriting
+                   and lowering. The key is the module's computation traced on fake tensors, never weights.
     """
 
     approximate: frozenset[str] = frozenset()
@@ -44,6 +47,7 @@ class Config:
     cache_dir: str | None = None
     fallback: bool = True
     verbose: bool = False
+    structural_cache: bool = True
 
     def __post_init__(self) -> None:
         approx = self.approximate
@@ -75,6 +79,8 @@ class Config:
             raise ConfigError(f"Config.codegen must be one of auto, cpp, triton, aten; got {self.codegen!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"Config.num_threads must be a positive int or None, got {self.num_threads!r}")
+        if not isinstance(self.structural_cache, bool):
+            raise ConfigError(f"Config.structural_cache must be True or False, got {self.structural_cache!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "Config" | None) -> "Config":
@@ -100,7 +106,7 @@ class Config:
         """A stable string for cache keys."""
         parts = []
         for f in dataclasses.fields(self):
-            if f.name in ("verbose", "cache_dir", "fallback"):
+            if f.name in ("verbose", "cache_dir", "fallback", "structural_cache"):  # never change the program
                 continue
             v = getattr(self, f.name)
             if isinstance(v, frozenset):

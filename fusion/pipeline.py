@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch.fx as fx
 
@@ -21,6 +21,9 @@ from fusion import progress
 from fusion.capture import normalize
 from fusion.config import Config
 from fusion.errors import warn_fallback
+
+
+GraphOrBuilder = Union[fx.GraphModule, Callable[[], fx.GraphModule]]
 
 
 @dataclass
@@ -78,26 +81,54 @@ class CompiledGraph:
 
     If the lowered program raises at run time (a case the lowering did not foresee), it warns once and
     from then on runs the graph as it was before lowering.
+
+    The graphs other than `gm` may be given as zero-argument functions that build them: a program loaded
+    from a cache or a saved directory rebuilds its unlowered graphs only if they are needed (a fallback,
+    explain, a reproducer), not on the way to its first call.
     """
 
     _boxed_call = False
 
-    def __init__(self, gm: fx.GraphModule, fallback_gm: fx.GraphModule, log: CompileLog, config: Config,
-                 program_gm: fx.GraphModule | None = None, source_gm: fx.GraphModule | None = None):
+    def __init__(self, gm: fx.GraphModule, fallback_gm: GraphOrBuilder, log: CompileLog, config: Config,
+                 program_gm: GraphOrBuilder | None = None, source_gm: GraphOrBuilder | None = None):
         self.gm = gm
-        self.source_gm = source_gm if source_gm is not None else fallback_gm  # the captured graph, normalized
-        self.fallback_gm = fallback_gm
-        self.program_gm = program_gm if program_gm is not None else fallback_gm  # after rewriting, before lowering
+        self._graphs = {
+            "fallback": fallback_gm,
+            "program": program_gm if program_gm is not None else fallback_gm,  # after rewriting, before lowering
+            "source": source_gm if source_gm is not None else fallback_gm,     # the captured graph, normalized
+        }
         self.log = log
         self.config = config
         self._failed = False
+
+    def _graph(self, which: str) -> fx.GraphModule:
+        g = self._graphs[which]
+        if not isinstance(g, fx.GraphModule):
+            built = g()
+            for k, v in self._graphs.items():  # one builder shared by several roles builds once
+                if v is g:
+                    self._graphs[k] = built
+            g = built
+        return g
+
+    @property
+    def fallback_gm(self) -> fx.GraphModule:
+        return self._graph("fallback")
+
+    @property
+    def program_gm(self) -> fx.GraphModule:
+        return self._graph("program")
+
+    @property
+    def source_gm(self) -> fx.GraphModule:
+        return self._graph("source")
 
     def __call__(self, *args: Any) -> Any:
         if not self._failed:
             try:
                 return self.gm(*args)
             except Exception as e:  # noqa: BLE001
-                if self.gm is self.fallback_gm or not self.config.fallback:
+                if not self.config.fallback or self.gm is self.fallback_gm:
                     raise
                 self._failed = True
                 self.log.fallbacks.append(f"run: {type(e).__name__}: {e}")

@@ -2,15 +2,22 @@
 
 A saved program is a directory:
     program.json         the rewritten graph (structure, shapes, dtypes — no weight data), how each
-                         placeholder is bound (weight name or user input), the output structure, the config
-    program.py           the same program as readable Python (for people; not executed)
+                         placeholder is bound (weight name or user input), the output structure, the config,
+                         and the lowered program (fusion/artifact.py: the graph of kernel and ATen calls,
+                         each kernel's call specification)
+    kernels.cpp          the C++ source of the kernels (readable; compiled only if this machine's kernel
+                         cache does not hold the library built from it)
+    program.py           the rewritten program as readable Python (for people; not executed)
     weights.safetensors  parameters, buffers and constants by name, written tensor by tensor
-Loading memory-maps the weights (nothing is read until used) and recompiles the graph, which hits the
-kernel cache when the same kernels were compiled on this machine before.
+Loading does no capture, rewriting, scheduling or code generation: it memory-maps the weights (nothing
+is read until used), binds the kernels from the kernel cache and rebuilds the lowered graph. Directories
+written before the lowered program was stored (format 1), or whose kernels cannot be restored, are
+recompiled from the rewritten graph instead.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +26,17 @@ import torch.utils._pytree as pytree
 
 from fusion.config import Config
 from fusion.errors import FusionInputError
-from fusion.serialize import graph_from_dict, graph_to_dict
+from fusion.serialize import fake_placeholders, graph_from_dict, graph_to_dict
 from fusion.weights import load_safetensors_mmap, save_safetensors
 
-FORMAT = "fusion-program/1"
+FORMAT = "fusion-program/2"
+READS = ("fusion-program/1", FORMAT)
+log = logging.getLogger("fusion.program")
 
 
 def save_program(opt: Any, path: str | Path) -> Path:
+    from fusion import artifact
+
     if opt._captured is None or not opt.graphs:
         raise FusionInputError(
             "only programs captured whole by torch.export can be saved; this model was captured by "
@@ -40,7 +51,10 @@ def save_program(opt: Any, path: str | Path) -> Path:
         if acc is not None:
             weights[name] = acc()
     save_safetensors(weights, out / "weights.safetensors")
-    out_spec = _dump_spec(cap.program.call_spec.out_spec)
+    try:
+        out_spec = artifact.dump_spec(cap.out_spec)
+    except TypeError as e:
+        raise FusionInputError(str(e)) from None
     cfg = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in opt.config.__dict__.items()}
     program = {
         "format": FORMAT,
@@ -52,42 +66,24 @@ def save_program(opt: Any, path: str | Path) -> Path:
         "config": cfg,
         "fired": graph.log.fired,
     }
+    try:
+        dumped = artifact.dump(graph)
+    except (OSError, TypeError, ValueError) as e:  # e.g. the kernel cache was cleaned: load will recompile
+        log.debug("save %s: lowered program not stored (%s: %s)", out, type(e).__name__, e)
+        dumped = None
+    for old in out.glob("kernels*.cpp"):
+        old.unlink()
+    if dumped is not None:
+        lowered, sources = dumped
+        lowered = {k: v for k, v in lowered.items() if k not in ("program", "source")}  # "graph" above
+        program["lowered"] = lowered
+        program["sources"] = [f"kernels{'_%d' % i if i else ''}.cpp" for i in range(len(sources))]
+        for name, text in zip(program["sources"], sources):
+            (out / name).write_text(text)
     (out / "program.json").write_text(json.dumps(program, indent=1))
     (out / "program.py").write_text(f"# {type(opt.original).__name__}, optimized by fusion (rewritten graph)\n"
                                     + graph.program_gm.code)
     return out
-
-
-def _dump_spec(spec: Any) -> dict:
-    """The output structure: pytree's JSON where its types are registered for it, else a pickle of the
-    TreeSpec (model output classes such as HF's ModelOutput: the class must be importable at load)."""
-    import base64
-    import pickle
-
-    out: dict = {}
-    try:
-        out["json"] = pytree.treespec_dumps(spec)  # readable; needs the types registered at load time
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        out["pickle"] = base64.b64encode(pickle.dumps(spec)).decode()  # imports the output classes itself
-    except Exception as e:  # noqa: BLE001
-        if not out:
-            raise FusionInputError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
-    return out
-
-
-def _load_spec(d: dict) -> Any:
-    import base64
-    import pickle
-
-    if "json" in d:
-        try:
-            return pytree.treespec_loads(d["json"])
-        except Exception:  # noqa: BLE001 - e.g. a model output class not registered in this process
-            if "pickle" not in d:
-                raise
-    return pickle.loads(base64.b64decode(d["pickle"]))  # written by save_program, a file the user chose to load
 
 
 class LoadedProgram(torch.nn.Module):
@@ -95,33 +91,45 @@ class LoadedProgram(torch.nn.Module):
 
     def __init__(self, path: str | Path, config: Config | None = None):
         super().__init__()
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from fusion.pipeline import compile_graph
-
         path = Path(path)
         data = json.loads((path / "program.json").read_text())
-        if data.get("format") != FORMAT:
+        if data.get("format") not in READS:
             raise FusionInputError(f"{path} is not a fusion program directory (format {data.get('format')!r})")
         self.weights = load_safetensors_mmap(path / "weights.safetensors")
         self.bindings = [tuple(b) for b in data["bindings"]]
         self.buffer_mutations = {int(k): v for k, v in data["buffer_mutations"].items()}
-        self.out_spec = _load_spec(data["out_spec"])
+        self._out_spec_data = data["out_spec"]
+        self._out_spec: Any = None
         saved = data["config"]
         saved["rewrites"] = False  # the saved graph is already rewritten
-        self.config = config or Config(**{k: (frozenset(v) if isinstance(v, list) else v) for k, v in saved.items()})
-        mode = FakeTensorMode()
-        vals = []
-        nodes = data["graph"]["nodes"]
-        for node in nodes:
-            if node["op"] != "placeholder":
-                continue
-            m = node["meta"]
-            with mode:
-                vals.append(torch.empty_strided([int(s) for s in m["shape"]], [int(s) for s in m["stride"]],
-                                                dtype=getattr(torch, m["dtype"])))
-        gm = graph_from_dict(data["graph"], vals)
-        self.compiled = compile_graph(gm, self.config, label="forward")
+        known = set(Config.__dataclass_fields__)
+        self.config = config or Config(**{k: (frozenset(v) if isinstance(v, list) else v)
+                                          for k, v in saved.items() if k in known})
+        self.compiled = None
+        if "lowered" in data and self.config.codegen in ("auto", "cpp"):
+            from fusion import artifact
+
+            try:
+                sources = [(path / name).read_text() for name in data["sources"]]
+                self.compiled = artifact.restore({**data["lowered"], "program": data["graph"], "source": None},
+                                                 sources, self.config, how="loaded")
+            except Exception as e:  # noqa: BLE001 - e.g. no compiler for a missing kernel library: recompile
+                log.debug("load %s: lowered program not restored (%s: %s); recompiling", path, type(e).__name__, e)
+        if self.compiled is None:
+            from fusion.pipeline import compile_graph
+
+            gm = graph_from_dict(data["graph"], fake_placeholders(data["graph"]))
+            self.compiled = compile_graph(gm, self.config, label="forward")
+
+    @property
+    def out_spec(self) -> Any:
+        """The output structure, resolved on first use: it may name a model's output class (HF's
+        ModelOutput), whose library is imported then rather than by load()."""
+        if self._out_spec is None:
+            from fusion.artifact import load_spec
+
+            self._out_spec = load_spec(self._out_spec_data)
+        return self._out_spec
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         user = iter(pytree.tree_leaves((args, kwargs)))
@@ -140,5 +148,6 @@ class LoadedProgram(torch.nn.Module):
 
 
 def load(path: str | Path, config: Config | None = None) -> LoadedProgram:
-    """Load a program saved with `OptimizedModule.save(path)`; weights are memory-mapped, not read."""
+    """Load a program saved with `OptimizedModule.save(path)`; weights are memory-mapped, not read, and
+    nothing is recompiled (see the module docstring)."""
     return LoadedProgram(path, config)

@@ -9,6 +9,7 @@ holds (a user, autograd, a view) is never overwritten.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,9 +174,16 @@ class FusedKernel(torch.nn.Module):
         for j, (form, dtype) in enumerate(spec.outputs):
             g[f"pool{j}"] = self.pools[j]
             g[f"dt{j}"] = dtype
-        exec(compile(src, f"<fusion kernel {nm}>", "exec"), g)
+        exec(_compile_call(src), g)
         self.call_source = src
         return g["call"]
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_call(src: str) -> Any:
+    """Call sources depend only on the kernel spec, and a model repeats the same few (one set per layer):
+    compiled once each, they cost a dict lookup for the other layers' kernels."""
+    return compile(src, "<fusion kernel call>", "exec")
 
 
 def _restore(name, so_path, spec, members, kind, source_path, num_threads, description):

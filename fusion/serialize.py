@@ -124,8 +124,11 @@ def graph_to_dict(gm: fx.GraphModule) -> dict:
     return {"format": FORMAT_VERSION, "nodes": nodes}
 
 
-def graph_from_dict(data: dict, placeholder_vals: list[Any] | None = None) -> fx.GraphModule:
-    """Rebuild a GraphModule; with the placeholders' example values (FakeTensors), meta["val"] is recomputed."""
+def graph_from_dict(data: dict, placeholder_vals: list[Any] | None = None,
+                    root: dict[str, torch.nn.Module] | None = None) -> fx.GraphModule:
+    """Rebuild a GraphModule; with the placeholders' example values (FakeTensors), meta["val"] is recomputed.
+
+    `root` holds the submodules that call_module nodes name (the kernels of a lowered program)."""
     if data.get("format") != FORMAT_VERSION:
         raise ValueError(f"unsupported graph format {data.get('format')!r}")
     g = fx.Graph()
@@ -139,10 +142,26 @@ def graph_from_dict(data: dict, placeholder_vals: list[Any] | None = None) -> fx
         else:
             node = g.create_node(d["op"], _resolve_target(d["target"]), args, kwargs, name=d["name"])
         env[d["name"]] = node
-    gm = fx.GraphModule(torch.nn.Module(), g)
+    gm = fx.GraphModule(root if root else torch.nn.Module(), g)
     if placeholder_vals is not None:
         propagate_meta(gm, placeholder_vals)
     return gm
+
+
+def fake_placeholders(data: dict) -> list[Any]:
+    """FakeTensors for the placeholders of a serialised graph, from their recorded shape, stride and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    vals = []
+    for node in data["nodes"]:
+        if node["op"] != "placeholder":
+            continue
+        m = node["meta"]
+        with mode:
+            vals.append(torch.empty_strided([int(s) for s in m["shape"]], [int(s) for s in m["stride"]],
+                                            dtype=getattr(torch, m["dtype"])))
+    return vals
 
 
 def propagate_meta(gm: fx.GraphModule, placeholder_vals: list[Any]) -> None:
