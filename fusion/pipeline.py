@@ -49,7 +49,7 @@ class CompileLog:
     onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/gemm.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
-        progress.stage(name if name != "rewrite" else "rewrite (e-graph: saturate, extract)")
+        progress.stage(name)
         t0 = time.perf_counter()
         try:
             out = fn(*args)

@@ -31,6 +31,7 @@ from costmodel.egraph_cost import (
 )
 from costmodel.extract import EGraphExport, ENode, FusionCosts, export_egraph, extract, fused_cost, kernel_outputs
 from costmodel.hardware import HardwareProfile
+from fusion import progress
 from fusion.config import Config
 from rewrites.errors import RewriteError
 from rewrites.insert import insert
@@ -130,6 +131,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
         raise RewriteError("saturate", f"unknown rule families in disable_rules: {sorted(unknown)}; "
                                        f"the families are {sorted(FAMILIES)}")
     families = [rs for name, rs in FAMILIES.items() if name not in config.disable_rules]
+    progress.stage("rewrite: saturate")
     try:
         sat = saturate(ins.egraph, families, config.max_iterations, config.max_enodes, config.time_limit_s)
     except Exception as e:
@@ -137,6 +139,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     lap("saturate")
     stats.update(iterations=sat.iterations, stop_reason=sat.stop_reason, egraph_rows=sat.size)
 
+    progress.stage("rewrite: extract")
     try:
         ex = export_egraph(ins.egraph)
         orig = original_enodes(ex, ins)

@@ -56,7 +56,7 @@ def test_optimize_model_only_factory_json_save_progress(tmp_path):
     assert cmp["after"]["bytes"] < cmp["before"]["bytes"]
     assert doc["kernels"] and all(k["measured_s"] for k in doc["kernels"])
     assert [p["name"] for p in doc["graphs"][0]["passes"]][:3] == ["normalize", "rewrite", "lower"]
-    for stage in ("capture", "normalize", "rewrite (e-graph: saturate, extract)", "lower", "done"):
+    for stage in ("capture", "normalize", "rewrite", "rewrite: saturate", "rewrite: extract", "lower", "done"):
         assert stage in r.stderr                 # --progress: one line per pass when stderr is not a terminal
     assert doc["saved"] == str(out) and (out / "program.json").is_file()
     from tests.cli_models import tiny_model_only
