@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from costmodel.hardware import achieved_bandwidth, mbu
 from fusion.pipeline import CompiledGraph
 
 
@@ -145,8 +146,8 @@ def kernel_table(compiled: CompiledGraph, inputs: Sequence[Any] | None) -> list[
             "intensity": k.flops / nbytes if nbytes else 0.0,
             "predicted_s": _predict(k, hw),
             "measured_s": m,
-            "GB/s": nbytes / m / 1e9 if m else None,
-            "MBU": (nbytes / m) / hw.copy_bandwidth if (m and hw is not None) else None,
+            "GB/s": achieved_bandwidth(nbytes, m) / 1e9 if m else None,
+            "MBU": mbu(nbytes, m, hw.copy_bandwidth) if hw is not None else None,   # the one bench/run.py uses
         })
     return rows
 
