@@ -6,6 +6,7 @@ comes from AOTAutograd instead (see backend.py); both go through `normalize`.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -69,10 +70,19 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs
 
 
+def _decompositions() -> Any:
+    """Core-ATen decompositions, except `scaled_dot_product_attention`: the model asked for fused attention,
+    and its decomposition (two bmm, softmax, and the fully-masked-row guard of `_safe_softmax`: where, any,
+    full_like) is several times slower than SDPA; `normalize` turns it into `fusion.attention`."""
+    table = torch.export.default_decompositions()
+    table.pop(aten.scaled_dot_product_attention.default, None)
+    return table
+
+
 def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Captured:
     """torch.export the model (non-strict), decompose to core ATen, and lift weights to named placeholders."""
     ep = torch.export.export(model, tuple(example_inputs), strict=False)
-    ep = ep.run_decompositions()
+    ep = ep.run_decompositions(_decompositions())
     gm = ep.graph_module
     kinds = {
         InputKind.PARAMETER: "param",
@@ -131,11 +141,29 @@ def _noop_clone(node: fx.Node) -> bool:
     return all(u.op != "output" for u in node.users)
 
 
+def _sdpa_to_attention(node: fx.Node) -> None:
+    """`aten.scaled_dot_product_attention` without dropout -> `fusion.attention` (the same function: it runs
+    SDPA; the default scale made explicit). Other forms keep the ATen op."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    a = dict(zip(names, node.args), **node.kwargs)
+    q, k = a["query"].meta.get("val"), a["key"].meta.get("val")
+    if (a.get("dropout_p") or 0.0) != 0.0 or q is None or k is None or q.dim() < 3 or k.dim() < 3:
+        return
+    if q.shape[-3] != k.shape[-3] and not a.get("enable_gqa", False):
+        return
+    scale = a.get("scale")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    node.target = torch.ops.fusion.attention.default
+    node.args = (a["query"], a["key"], a["value"], a.get("attn_mask"), scale, bool(a.get("is_causal", False)))
+    node.kwargs = {}
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Bring an ATen graph into the fusion dialect, in place:
 
     - `native_layer_norm(x, [N], w, b, eps)[0]` over the last dim, with mean/rstd unused → `fusion.layer_norm`
       (in training graphs mean/rstd feed the backward, so the ATen op stays);
+    - `aten.scaled_dot_product_attention` (kept by capture, no dropout) → `fusion.attention`;
     - `aten.alias` and no-op `aten.clone` of a contiguous intermediate → the value itself (functional graph:
       nothing can observe the copy); `aten._unsafe_view` → `aten.view`; `transpose`/`t` → `permute` (as export emits);
     - dead code is removed.
@@ -173,6 +201,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.target is aten.clone.default and _noop_clone(node):
             node.replace_all_uses_with(node.args[0])
             g.erase_node(node)
+        elif node.target is aten.scaled_dot_product_attention.default:
+            _sdpa_to_attention(node)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()

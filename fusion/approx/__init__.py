@@ -53,6 +53,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fusion.approx import ops as approx_ops
+from fusion.approx.fuse import fuse
 from fusion.approx.rules import RELU_NOTE, Emitter, Site, find_sites  # noqa: F401 (RELU_NOTE re-exported)
 from fusion.config import Config
 
@@ -360,6 +361,7 @@ def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, 
         if active:
             final = build(gm, active, fake_mode)
             converted = commit(final, weights, fake_mode)
+            fuse(final, fake_mode)   # shared conversions merged, activation + re-quantization in int8 epilogues
         else:
             final = gm
 

@@ -6,14 +6,15 @@ Every op runs eagerly through existing fast torch kernels, so an approximated gr
     fusion.quantize_weight_int8(w, kn) -> (w_q int8, w_scale fp32[N])
         symmetric per-output-channel int8 weight quantization (scale = max|w_row| / 127).
         kn=False: w is [N, K] (nn.Linear layout); kn=True: w is [K, N] (HF Conv1D layout); w_q keeps w's layout.
-    fusion.int8_linear(x, w_q, w_scale, bias?, kn) -> fp32 [..., N]
-        dynamic W8A8: x is quantized per token (row) symmetrically to int8 on every call
-        (scale = max|x_row| / 127), then int8 x int8 -> int32 GEMM (`torch._int_mm`, oneDNN/VNNI on AVX-512
-        VNNI CPUs), then y = acc * x_scale[:, None] * w_scale[None, :] + bias.
-    fusion.int8_linear_per_tensor(x, w_q, w_scale, bias?, kn) -> fp32 [..., N]
-        dynamic W8A8 with ONE activation scale per call (asymmetric uint8, fbgemm `quantized.linear_dynamic`:
-        quantization, int8 GEMM and dequantize+bias epilogue in one fused call); the fbgemm-packed weight is
-        built from w_q on first use and cached per weight tensor.
+    fusion.quantize_rows(x) -> (q int8 [M, K], s fp32 [M])
+        dynamic per-token (row) symmetric int8 of the activations x [..., K] (M = rows), s = max|x_row| / 127.
+    fusion.int8_matmul(q, s, w_q, w_scale, bias?, kn, act) -> fp32 [M, N]
+        dynamic W8A8 linear on quantized rows: int8 x int8 -> int32 GEMM (`torch._int_mm`, oneDNN/VNNI on
+        AVX-512 VNNI CPUs), then y = act(acc * s[:, None] * w_scale[None, :] + bias) with act "none", "gelu"
+        or "gelu_tanh" (the epilogue; `fusion.approx.kernels` does it in one pass).
+    fusion.int8_matmul_quant(q, s, w_q, w_scale, bias?, kn, act) -> (q2 int8 [M, N], s2 fp32 [M])
+        quantize_rows(int8_matmul(...)) without the fp32 result: for a linear whose only consumer (after an
+        activation) is another int8 linear (up -> GELU -> down of a transformer MLP).
     fusion.int8_weight_only_linear(x, w_q, w_scale, bias?, kn) -> [..., N]
         weight-only int8: small row counts (decode) use `aten._weight_int8pack_mm` (int8 weights streamed,
         fp32 math); larger ones dequantize the weight to x's dtype once per call and run the fp32 GEMM
@@ -21,12 +22,12 @@ Every op runs eagerly through existing fast torch kernels, so an approximated gr
 """
 from __future__ import annotations
 
-import warnings
-import weakref
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fusion.approx import kernels
 
 #: at or below this many rows the weight-only op uses `_weight_int8pack_mm` (GEMV-like, bandwidth bound)
 WEIGHT_ONLY_PACK_MAX_ROWS = 32
@@ -40,6 +41,8 @@ _BLOCK_BYTES = 4 << 20
 def _quantize_weight(w: Tensor, kn: bool) -> tuple[Tensor, Tensor]:
     """(int8 weight in w's layout, fp32 per-output-channel scales); symmetric, scale = max|w| / 127."""
     w = w.detach()
+    if not kn and w.dtype == torch.float32 and w.dim() == 2 and w.shape[0] and w.stride(1) == 1 and kernels.available():
+        return kernels.quant_rows(w)   # rows = output channels: one pass, no temporaries
     rows = max(1, _BLOCK_BYTES // max(1, w.shape[1] * 4))
     if kn:   # [K, N], channels are columns: running max over row blocks
         amax = torch.zeros(w.shape[1], dtype=torch.float32)
@@ -85,36 +88,92 @@ def _check_weight(w_q: Tensor, op: str) -> None:
         )
 
 
-def _int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
-    _check_weight(w_q, "int8_linear")
-    k = x.shape[-1]
-    n = w_q.shape[1] if kn else w_q.shape[0]
-    x2 = x.reshape(-1, k)
+def _rows(x: Tensor) -> Tensor:
+    """x [..., K] as fp32 [M, K] rows with unit inner stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    x2 = x2.contiguous()
-    if x2.shape[0] == 0:
-        return x.new_zeros((*x.shape[:-1], n), dtype=torch.float32)
-    q, xs = _quantize_rows(x2)
-    acc = torch._int_mm(q, w_q if kn else w_q.t())          # int32 [M, N]
-    y = torch.mul(acc, xs)                                   # fp32 [M, N] (one pass)
-    if bias is not None:
-        y = torch.addcmul(bias.float(), y, w_scale, out=y) if y.is_contiguous() else bias + y * w_scale
-    else:
-        y.mul_(w_scale)
-    return y.view(*x.shape[:-1], n)
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
-@torch.library.custom_op("fusion::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
-    """Dynamic W8A8 linear (per-token activation scales, per-channel weight scales); see the module docstring."""
-    return _int8_linear(x, w_q, w_scale, bias, kn)
+def _quantize_rows_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    x2 = _rows(x)
+    if x2.shape[0] and kernels.available():
+        return kernels.quant_rows(x2)
+    if not x2.shape[0]:
+        return torch.empty(x2.shape, dtype=torch.int8), torch.empty(0)
+    q, s = _quantize_rows(x2)
+    return q, s.view(-1)
 
 
-@int8_linear.register_fake
-def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
+@torch.library.custom_op("fusion::quantize_rows", mutates_args=())
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token symmetric int8 of activations: (q [M, K] int8, s [M] fp32); see the module docstring."""
+    return _quantize_rows_op(x)
+
+
+@quantize_rows.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((m, x.shape[-1]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+def _act(y: Tensor, act: str) -> Tensor:
+    if act == "none":
+        return y
+    return torch.nn.functional.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def _int8_product(q: Tensor, w_q: Tensor, kn: bool, op: str) -> Tensor:
+    _check_weight(w_q, op)
+    return torch._int_mm(q, w_q if kn else w_q.t())          # int32 [M, N]: oneDNN, AVX-512 VNNI
+
+
+def _epilogue_inputs(w_scale: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    return w_scale.float().contiguous(), None if bias is None else bias.float().contiguous()
+
+
+def _int8_matmul(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool,
+                 act: str) -> Tensor:
     n = w_q.shape[1] if kn else w_q.shape[0]
-    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+    if q.shape[0] == 0:
+        return q.new_zeros((0, n), dtype=torch.float32)
+    acc = _int8_product(q, w_q, kn, "int8_matmul")
+    ws, b = _epilogue_inputs(w_scale, bias)
+    if kernels.available():
+        return kernels.dequant(acc, s.contiguous(), ws, b, act)
+    y = torch.mul(acc, s.unsqueeze(1))                       # fp32 [M, N]
+    y = torch.addcmul(b, y, ws) if b is not None else y.mul_(ws)
+    return _act(y, act)
+
+
+@torch.library.custom_op("fusion::int8_matmul", mutates_args=())
+def int8_matmul(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool,
+                act: str) -> Tensor:
+    """Dynamic W8A8 linear on per-token quantized rows, fused dequantization epilogue; see the module docstring."""
+    return _int8_matmul(q, s, w_q, w_scale, bias, kn, act)
+
+
+@int8_matmul.register_fake
+def _(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool, act: str) -> Tensor:
+    return q.new_empty((q.shape[0], w_q.shape[1] if kn else w_q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusion::int8_matmul_quant", mutates_args=())
+def int8_matmul_quant(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool,
+                      act: str) -> tuple[Tensor, Tensor]:
+    """quantize_rows(int8_matmul(...)) in one epilogue pass (the fp32 rows never reach memory)."""
+    if q.shape[0] and kernels.available():
+        ws, b = _epilogue_inputs(w_scale, bias)
+        return kernels.dequant_quant(_int8_product(q, w_q, kn, "int8_matmul_quant"), s.contiguous(), ws, b, act)
+    return _quantize_rows_op(_int8_matmul(q, s, w_q, w_scale, bias, kn, act))
+
+
+@int8_matmul_quant.register_fake
+def _(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool,
+      act: str) -> tuple[Tensor, Tensor]:
+    n = w_q.shape[1] if kn else w_q.shape[0]
+    return q.new_empty((q.shape[0], n), dtype=torch.int8), q.new_empty((q.shape[0],), dtype=torch.float32)
 
 
 def _dequantize(w_q: Tensor, w_scale: Tensor, kn: bool, dtype: torch.dtype) -> Tensor:
@@ -150,54 +209,11 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool)
     return x.new_empty((*x.shape[:-1], n))
 
 
-# ----------------------------------------------------------------------------------------------
-# per-tensor dynamic W8A8 through fbgemm (one fused C++ call: activation range + quantization, int8 GEMM,
-# dequantization + bias epilogue). Measured fastest on this CPU; less accurate than per-token scales.
-
-_PACKED: dict[int, tuple[Any, tuple, Any]] = {}   # id(weight) -> (weakref, versions, packed)
-
-
-def _packed(w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Any:
-    """fbgemm-packed weight for the live int8 weight `w_q`, built on first use and cached per tensor object
-    (dropped when the tensor dies; rebuilt if it is modified in place). The packed copy is int8 too."""
-    key = id(w_q)
-    hit = _PACKED.get(key)
-    version = (w_q._version, w_scale._version, None if bias is None else bias._version)
-    if hit is not None and hit[0]() is w_q and hit[1] == version:
-        return hit[2]
-    wn = w_q.t().contiguous() if kn else w_q.contiguous()
-    with warnings.catch_warnings():   # quantized tensors are deprecated in torch (still the fbgemm entry point)
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(wn, w_scale.double(), torch.zeros(wn.shape[0], dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().contiguous())
-    del qw, wn
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), version, packed)
-    return packed
-
-
-def _int8_linear_per_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
-    _check_weight(w_q, "int8_linear_per_tensor")
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.quantized.linear_dynamic(x2, _packed(w_q, w_scale, bias, kn), False)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-@torch.library.custom_op("fusion::int8_linear_per_tensor", mutates_args=())
-def int8_linear_per_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
-    """Dynamic W8A8 linear, ONE activation scale per call (fbgemm `quantized.linear_dynamic`), per-channel weights."""
-    return _int8_linear_per_tensor(x, w_q, w_scale, bias, kn)
-
-
-@int8_linear_per_tensor.register_fake
-def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool) -> Tensor:
-    n = w_q.shape[1] if kn else w_q.shape[0]
-    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
-
-
 #: ops this package adds, with a short name for reports (like fusion.ops.FUSED_OPS)
 APPROX_OPS: dict[object, str] = {
     torch.ops.fusion.quantize_weight_int8.default: "quantize_weight_int8",
-    torch.ops.fusion.int8_linear.default: "int8_linear",
-    torch.ops.fusion.int8_linear_per_tensor.default: "int8_linear_per_tensor",
+    torch.ops.fusion.quantize_rows.default: "quantize_rows",
+    torch.ops.fusion.int8_matmul.default: "int8_matmul",
+    torch.ops.fusion.int8_matmul_quant.default: "int8_matmul_quant",
     torch.ops.fusion.int8_weight_only_linear.default: "int8_weight_only_linear",
 }

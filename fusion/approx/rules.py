@@ -11,9 +11,10 @@ Rules (all off unless named in `Config.approximate`):
   through ``permute([1,0])`` / ``t`` (nn.Linear, [N,K]) or directly ([K,N], HF Conv1D), possibly broadcast
   over a batch by ``expand`` + ``view`` (what export makes of a linear on a 3-D non-contiguous input).
   Emits ``fusion.quantize_weight_int8(W)`` (a *weight transform*, folded away when the approximation is
-  committed: the weight is then converted in place) and ``fusion.int8_linear`` (dynamic W8A8: per-token
-  activation scales, per-channel weight scales, `torch._int_mm`) or, for few rows (decode-like shapes,
-  where activation quantization costs more than it saves), ``fusion.int8_weight_only_linear``.
+  committed: the weight is then converted in place) and either dynamic W8A8 — ``fusion.quantize_rows(x)``
+  (per-token activation scales) + ``fusion.int8_matmul`` (per-channel weight scales, `torch._int_mm`,
+  dequantization + bias epilogue) — or weight-only int8 (``fusion.int8_weight_only_linear``), whichever
+  runs faster on the site's shape (`fusion.approx.cost` times both); weight-only is also W8A8's fallback.
 - ``bf16`` — any ``mm`` / ``addmm`` / ``bmm`` on fp32: operands cast to bf16 (weights: a weight transform,
   committed in place), the matmul runs in bf16 (oneDNN AVX512-BF16, fp32 accumulation inside the kernel),
   the result is cast back to fp32, so everything around it keeps fp32.
@@ -33,23 +34,16 @@ import torch
 import torch.fx as fx
 
 from fusion.approx import ops as approx_ops  # noqa: F401  (registers torch.ops.fusion.int8_*)
+from fusion.approx.cost import int8_ladder
 
 aten = torch.ops.aten
 fusion_ops = torch.ops.fusion
 
 MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
-#: int8 variant per site, by measured time on this CPU (2 threads, interleaved medians): dynamic W8A8 through
-#: torch._int_mm is 2-4x faster than fp32 at 4096 rows x (384|1536) and also faster at 8 rows (0.16 ms vs
-#: 0.3 ms fp32), while weight-only int8 is never faster here (aten._weight_int8pack_mm: 7 ms at 8 x 384 x 1536,
-#: and dequantize + fp32 GEMM costs fp32 time plus the dequantization). So every linear starts as W8A8 and
-#: weight-only is its more accurate fallback: when the guard finds a W8A8 site harmful it first downgrades it
-#: to weight-only (activations stay fp32; 4x smaller weights) and only then reverts it to the exact op.
-WEIGHT_ONLY_MAX_ROWS = 0
-#: the int8 variants of a linear site, fastest first; each later one is the guard's more accurate fallback
-#: for the one before ("int8_per_tensor": fbgemm fused dynamic quantization, one activation scale per call,
-#: measured fastest here; "int8": per-token activation scales through torch._int_mm, several eager passes
-#: for quantization/epilogue that a code generator can fuse; "int8_weight_only": fp32 activations).
-INT8_LADDER = ("int8_per_tensor", "int8", "int8_weight_only")
+#: the int8 forms of every linear site, fastest first, each later one the guard's more accurate fallback for
+#: the one before ("int8": dynamic W8A8, per-token activation scales; "int8_weight_only": fp32 activations).
+#: None (the default): chosen per site by timing both forms on the site's shape (`fusion.approx.cost`).
+INT8_LADDER: Optional[tuple[str, ...]] = None
 #: bf16 on an activation x activation matmul pays two input casts and one output cast per call; measured on
 #: this CPU, attention-sized bmms (384 x 128x32x128, 384 x 128x128x32) run ~3x SLOWER that way, so such a
 #: matmul is a bf16 site only when both its reduction and output dims are at least this large
@@ -184,8 +178,11 @@ def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: fr
         if "int8" in kinds and wop is not None:
             w, kn, path = wop
             bias_ok = bias is None or (val(bias).dim() == 1 and val(bias).shape[0] == out_v.shape[-1])
-            ladder = INT8_LADDER if rows > WEIGHT_ONLY_MAX_ROWS else ("int8_weight_only",)
-            chain = [_int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops) for impl in ladder]
+            times = None
+            ladder = INT8_LADDER
+            if ladder is None:
+                ladder, times = int8_ladder(rows, k, out_v.shape[-1])
+            chain = [_int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times) for impl in ladder]
             for s, nxt in zip(chain, chain[1:]):
                 s.fallback = nxt
             sites.append(chain[0])
@@ -194,11 +191,10 @@ def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: fr
     return sites
 
 
-def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops) -> Site:
-    op = {"int8_per_tensor": fusion_ops.int8_linear_per_tensor.default, "int8": fusion_ops.int8_linear.default,
-          "int8_weight_only": fusion_ops.int8_weight_only_linear.default}[impl]
+def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times=None) -> Site:
     kind = "int8_weight_only" if impl == "int8_weight_only" else "int8"
     inputs = [a.name, w.name] + ([bias.name] if bias is not None else [])
+    out_shape = list(val(node).shape)
 
     def emit(e: Emitter, ins: list[fx.Node]) -> fx.Node:
         x, wt = ins[0], ins[1]
@@ -207,18 +203,32 @@ def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops) -> Site:
         wq = e(operator.getitem, qt, 0)
         ws = e(operator.getitem, qt, 1)
         b = ins[2] if len(ins) > 2 else None
-        y = e(op, x, wq, ws, b if bias_ok else None, kn)
+        if impl == "int8":   # per-token quantization, then the GEMM with its dequantization epilogue
+            xq = e(fusion_ops.quantize_rows.default, x)
+            y = e(fusion_ops.int8_matmul.default, e(operator.getitem, xq, 0), e(operator.getitem, xq, 1), wq, ws,
+                  b if bias_ok else None, kn, "none")
+            if len(out_shape) != 2:
+                y = e(aten.view.default, y, out_shape)
+        else:
+            y = e(fusion_ops.int8_weight_only_linear.default, x, wq, ws, b if bias_ok else None, kn)
         if b is not None and not bias_ok:
             y = e(aten.add.Tensor, y, b)
         return y
 
-    what = {"int8_per_tensor": "dynamic W8A8 (one activation scale per call, per-channel weight scales; fbgemm "
-                               "quantized.linear_dynamic, fused)",
-            "int8": "dynamic W8A8 (per-token activation scales, per-channel weight scales; torch._int_mm)",
+    what = {
+            "int8": "dynamic W8A8 (per-token activation scales, per-channel weight scales; torch._int_mm, "
+                    "one-pass quantization and dequantization kernels)",
             "int8_weight_only": "weight-only int8 (few rows: _weight_int8pack_mm; else dequantize + fp32 GEMM)"}[impl]
     return Site(f"{impl}:{node.name}", kind, node.name, inputs, emit,
                 nodes=[node.name] + [p.name for p in path], weight=w.name,
-                note=f"{what}; weight {w.name} {'[K,N]' if kn else '[N,K]'} converted in place to int8", flops=flops)
+                note=f"{what}; weight {w.name} {'[K,N]' if kn else '[N,K]'} converted in place to int8{_timed(times)}",
+                flops=flops)
+
+
+def _timed(times: Optional[dict[str, float]]) -> str:
+    if not times:
+        return ""
+    return "; measured on this shape: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
 
 
 def _bf16_site(node, bias, a, b, wop, flops) -> Site:

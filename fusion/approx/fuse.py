@@ -1,0 +1,137 @@
+"""Clean-ups of a committed approximate graph (after the accuracy guard; values change only by rounding):
+
+1. one conversion per activation: the sites of linears that read the same tensor (q/k/v of attention read
+   one layer-norm output, each through its own view) each quantize it (`fusion.quantize_rows`) or cast it
+   to bf16 (`_to_copy`); identical conversions of the same rows are merged (common subexpressions);
+2. the activation joins the int8 epilogue: ``int8_matmul(..., "none") [-> views] -> gelu`` becomes
+   ``int8_matmul(..., "gelu")`` — one pass less over the (widest) MLP activation;
+3. re-quantization joins it too: when that result is read only by `quantize_rows` (the next linear is int8),
+   ``quantize_rows(int8_matmul(...))`` becomes ``int8_matmul_quant(...)``, which writes the int8 rows and
+   their scales and never the fp32 activation.
+
+    n = fuse(gm, fake_mode)   # number of changes; gm is edited in place and recompiled
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+fusion_ops = torch.ops.fusion
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _is_view(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _VIEWS
+
+
+def _last_dim(n: Any) -> Any:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() else None
+
+
+def _rows_root(x: fx.Node) -> fx.Node:
+    """The node whose rows `quantize_rows(x)` quantizes: back through reshapes that keep the last dim (a
+    reshape keeps the row-major order of the elements, so the rows are the same)."""
+    k = _last_dim(x)
+    while _is_view(x) and k is not None and _last_dim(x.args[0]) == k:
+        x = x.args[0]
+    return x
+
+
+def _cse_key(n: fx.Node) -> Any:
+    if n.op != "call_function":
+        return None
+    if n.target is fusion_ops.quantize_rows.default:
+        return (n.target, _rows_root(n.args[0]))
+    if n.target is aten._to_copy.default and len(n.args) == 1 and set(n.kwargs) == {"dtype"}:
+        return (n.target, n.args[0], n.kwargs["dtype"])
+    return None
+
+
+def merge_conversions(g: fx.Graph) -> int:
+    seen: dict[Any, fx.Node] = {}
+    changed = 0
+    for n in list(g.nodes):
+        key = _cse_key(n)
+        if key is None:
+            continue
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            g.erase_node(n)
+            changed += 1
+    return changed
+
+
+def _only_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _past_views(n: fx.Node) -> fx.Node:
+    """Follow `n` forward through views that are each the only reader of the one before."""
+    u = _only_user(n)
+    while u is not None and _is_view(u):
+        n, u = u, _only_user(u)
+    return n
+
+
+def _gelu_after(m: fx.Node) -> tuple[fx.Node, str] | None:
+    """The gelu that is the only consumer of int8_matmul `m` (through views), with its act name."""
+    u = _only_user(_past_views(m))
+    if u is None or u.op != "call_function" or u.target is not aten.gelu.default or len(u.args) != 1:
+        return None
+    approx = u.kwargs.get("approximate", "none")
+    if set(u.kwargs) - {"approximate"} or approx not in ("none", "tanh"):
+        return None
+    return u, ("gelu" if approx == "none" else "gelu_tanh")
+
+
+def _set_val(n: fx.Node, fake_mode: Any) -> None:
+    if fake_mode is None:
+        return
+    fa, fk = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+    try:
+        with fake_mode:
+            n.meta["val"] = n.target(*fa, **fk)
+    except Exception:  # noqa: BLE001 - meta is best effort
+        pass
+
+
+def fuse_epilogues(g: fx.Graph, fake_mode: Any) -> int:
+    changed = 0
+    for m in list(g.nodes):
+        if m.op != "call_function" or m.target is not fusion_ops.int8_matmul.default or m.args[6] != "none":
+            continue
+        hit = _gelu_after(m)
+        if hit is None:
+            continue
+        gelu, act = hit
+        m.args = m.args[:6] + (act,)
+        gelu.replace_all_uses_with(gelu.args[0])
+        g.erase_node(gelu)
+        changed += 1
+        # the activation's only reader (through views) quantizes it for the next int8 linear
+        quant = _only_user(_past_views(m))
+        if quant is None or quant.op != "call_function" or quant.target is not fusion_ops.quantize_rows.default:
+            continue
+        with g.inserting_before(quant):
+            fused = g.call_function(fusion_ops.int8_matmul_quant.default, m.args)
+        _set_val(fused, fake_mode)
+        quant.replace_all_uses_with(fused)
+        g.erase_node(quant)   # m and its views are dead now: eliminate_dead_code removes them
+        changed += 1
+    return changed
+
+
+def fuse(gm: fx.GraphModule, fake_mode: Any = None) -> int:
+    g = gm.graph
+    changed = merge_conversions(g) + fuse_epilogues(g, fake_mode)
+    if changed:
+        g.eliminate_dead_code()
+        g.lint()
+        gm.recompile()
+    return changed
