@@ -184,6 +184,10 @@ def test_bf16(block):
     assert rel_err(out, ref) < 2e-2
     assert output_errors(out, ref)[1] > 0.9999
     assert block.up.weight.dtype == torch.bfloat16 and out.dtype == torch.float32
+    code = opt.gm.code
+    # one bf16 cast of x for q, k, v; GELU in up's epilogue, which stores bf16 for down (no cast left for it)
+    assert code.count("fusion.bf16_linear.default(") == 6 and "aten.gelu" not in code
+    assert code.count("dtype = torch.bfloat16") == 3 and "'gelu', True)" in code
 
 
 def test_relu_attention_matches_relu_trained_semantics(block):
@@ -282,3 +286,11 @@ def test_public_api_runs_the_approximate_stage_and_explains_it():
     assert "approximate rewrites" in opt.explain()
     exact = fusion.optimize(ref_model, (x,))
     assert [p.name for p in exact.graphs[0].log.passes][:3] == ["normalize", "rewrite", "lower"]
+
+
+def test_int8_with_bf16_falls_back_to_bf16(block, w8a8_first):
+    x = torch.randn(4, 32, 64)
+    opt, out, ref = _run(block, x, {"int8", "bf16"}, tol=1e-7)   # nothing can stay: every rung is tried
+    names = [s.name.split(":")[0] for s in opt.result.sites]
+    assert names.count("int8") == 6 and names.count("bf16") == 6 and "int8_weight_only" not in names
+    assert all(s.reverted for s in opt.result.sites) and torch.equal(out, ref)

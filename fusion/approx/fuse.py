@@ -2,12 +2,14 @@
 
 1. one conversion per activation: the sites of linears that read the same tensor (q/k/v of attention read
    one layer-norm output, each through its own view) each quantize it (`fusion.quantize_rows`) or cast it
-   to bf16 (`_to_copy`); identical conversions of the same rows are merged (common subexpressions);
-2. the activation joins the int8 epilogue: ``int8_matmul(..., "none") [-> views] -> gelu`` becomes
-   ``int8_matmul(..., "gelu")`` — one pass less over the (widest) MLP activation;
-3. re-quantization joins it too: when that result is read only by `quantize_rows` (the next linear is int8),
-   ``quantize_rows(int8_matmul(...))`` becomes ``int8_matmul_quant(...)``, which writes the int8 rows and
-   their scales and never the fp32 activation.
+   to bf16 (`_to_copy`); identical views and conversions of the same rows are merged (common subexpressions);
+2. the activation joins the GEMM's epilogue: ``int8_matmul(..., "none") [-> views] -> gelu`` becomes
+   ``int8_matmul(..., "gelu")`` (the same for ``bf16_linear``) — one pass less over the (widest) MLP
+   activation;
+3. the next linear's conversion joins it too: when that result is read only by `quantize_rows` (the next
+   linear is int8), ``quantize_rows(int8_matmul(...))`` becomes ``int8_matmul_quant(...)``, which writes the
+   int8 rows and their scales and never the fp32 activation; when it is read only by a cast to bf16 (the
+   next linear is bf16), ``bf16_linear`` stores bf16 directly.
 
     n = fuse(gm, fake_mode)   # number of changes; gm is edited in place and recompiled
 """
@@ -49,6 +51,8 @@ def _cse_key(n: fx.Node) -> Any:
         return (n.target, _rows_root(n.args[0]))
     if n.target is aten._to_copy.default and len(n.args) == 1 and set(n.kwargs) == {"dtype"}:
         return (n.target, n.args[0], n.kwargs["dtype"])
+    if n.target in _VIEWS and len(n.args) == 2 and not n.kwargs:   # identical views (so their casts merge too)
+        return (n.target, n.args[0], tuple(n.args[1]))
     return None
 
 
@@ -101,29 +105,52 @@ def _set_val(n: fx.Node, fake_mode: Any) -> None:
         pass
 
 
+#: GEMM ops with an epilogue: op -> index of its `act` argument
+_EPILOGUE_ACT = {fusion_ops.int8_matmul.default: 6, fusion_ops.bf16_linear.default: 4}
+
+
+def _is_bf16_cast(n: Any) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten._to_copy.default
+            and len(n.args) == 1 and set(n.kwargs) == {"dtype"} and n.kwargs["dtype"] is torch.bfloat16)
+
+
 def fuse_epilogues(g: fx.Graph, fake_mode: Any) -> int:
     changed = 0
     for m in list(g.nodes):
-        if m.op != "call_function" or m.target is not fusion_ops.int8_matmul.default or m.args[6] != "none":
+        i = _EPILOGUE_ACT.get(m.target) if m.op == "call_function" else None
+        if i is None or m.args[i] != "none":
             continue
         hit = _gelu_after(m)
         if hit is None:
             continue
         gelu, act = hit
-        m.args = m.args[:6] + (act,)
+        m.args = m.args[:i] + (act,) + m.args[i + 1:]
         gelu.replace_all_uses_with(gelu.args[0])
         g.erase_node(gelu)
         changed += 1
-        # the activation's only reader (through views) quantizes it for the next int8 linear
-        quant = _only_user(_past_views(m))
-        if quant is None or quant.op != "call_function" or quant.target is not fusion_ops.quantize_rows.default:
+        # the activation's only reader (through views) converts it for the next int8 / bf16 linear
+        end = _past_views(m)
+        conv = _only_user(end)
+        if conv is None or conv.op != "call_function":
             continue
-        with g.inserting_before(quant):
-            fused = g.call_function(fusion_ops.int8_matmul_quant.default, m.args)
-        _set_val(fused, fake_mode)
-        quant.replace_all_uses_with(fused)
-        g.erase_node(quant)   # m and its views are dead now: eliminate_dead_code removes them
-        changed += 1
+        if m.target is fusion_ops.int8_matmul.default and conv.target is fusion_ops.quantize_rows.default:
+            with g.inserting_before(conv):
+                fused = g.call_function(fusion_ops.int8_matmul_quant.default, m.args)
+            _set_val(fused, fake_mode)
+            conv.replace_all_uses_with(fused)
+            g.erase_node(conv)   # m and its views are dead now: eliminate_dead_code removes them
+            changed += 1
+        elif m.target is fusion_ops.bf16_linear.default and _is_bf16_cast(conv):
+            m.args = m.args[:5] + (True,)            # the epilogue stores bf16
+            conv.replace_all_uses_with(end)
+            g.erase_node(conv)
+            n = m
+            while True:                              # the views now carry bf16
+                _set_val(n, fake_mode)
+                if n is end:
+                    break
+                n = _only_user(n)
+            changed += 1
     return changed
 
 

@@ -1,4 +1,4 @@
-"""Hand-written C++ kernels around the int8 GEMM of `fusion.int8_linear` (dynamic W8A8).
+"""Hand-written C++ kernels around the int8 and bf16 GEMMs of `fusion.approx.ops`.
 
 ATen has the int8 GEMM (``torch._int_mm``: oneDNN, AVX-512 VNNI) but no fused per-token quantization or
 dequantization: done with ATen ops, quantizing the activations takes 4-5 passes over them (abs-max, divide,
@@ -12,6 +12,9 @@ saves. These kernels do each in ONE pass (a row is read once into L1 and reused)
     dequant_quant(acc, xs, ws, bias?, act) -> q2 int8 [M, N], s2 fp32 [M]
         dequant then quant_rows of its result, the fp32 row never leaving L1: the epilogue of a linear whose
         only consumer (after `act`) is another int8 linear (transformer MLP: up -> GELU -> down).
+    bf16_epilogue(y bf16 [M, N], bias [N]?, act, out_dtype) -> fp32 or bf16 [M, N]
+        act(float(y) + bias) of a bf16 GEMM's output (the bf16 linear: bias and activation in fp32, one pass;
+        bf16 out when the next consumer is another bf16 GEMM).
 
 Compiled once per machine with the project's kernel cache (`fusion.kernel_cache`: g++ -O3 -march=native,
 OpenMP); `available()` is False when no compiler works, and `fusion.approx.ops` then uses ATen ops.
@@ -66,7 +69,49 @@ static inline void deq_row(const int32_t* __restrict a, int64_t N, float xs, con
   }
 }
 
+static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {   // round to nearest even, as torch does
+  uint32_t u; __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 extern "C" {
+void bf16_epilogue(int64_t nthreads, const uint16_t* y, int64_t M, int64_t N, const float* bias, int64_t act,
+                   int64_t out_bf16, void* out) {
+  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && M * N >= PAR_MIN)
+  {
+    float* row = new float[N];
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* __restrict yr = y + m * N;
+      float* __restrict r = out_bf16 ? row : (float*)out + m * N;
+      if (bias) {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) r[n] = bf2f(yr[n]) + bias[n];
+      } else {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) r[n] = bf2f(yr[n]);
+      }
+      if (act == 1) {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) { float v = r[n]; r[n] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+      } else if (act == 2) {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+          float v = r[n]; r[n] = 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+        }
+      }
+      if (out_bf16) {
+        uint16_t* __restrict o = (uint16_t*)out + m * N;
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) o[n] = f2bf(r[n]);
+      }
+    }
+    delete[] row;
+  }
+}
+
 void quant_rows(int64_t nthreads, const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, float* s) {
   #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1 && M * K >= PAR_MIN)
   for (int64_t m = 0; m < M; ++m) quant_row(x + m * ldx, K, q + m * K, s + m);
@@ -114,7 +159,8 @@ def library() -> Optional[ctypes.CDLL]:
                 lib.quant_rows.argtypes = [I, P, I, I, I, P, P]
                 lib.dequant.argtypes = [I, P, I, I, P, P, P, I, P]
                 lib.dequant_quant.argtypes = [I, P, I, I, P, P, P, I, P, P]
-                for f in (lib.quant_rows, lib.dequant, lib.dequant_quant):
+                lib.bf16_epilogue.argtypes = [I, P, I, I, P, I, I, P]
+                for f in (lib.quant_rows, lib.dequant, lib.dequant_quant, lib.bf16_epilogue):
                     f.restype = None
                 _lib = lib
             except Exception as e:  # noqa: BLE001 - no compiler: the ATen path is used
@@ -163,3 +209,15 @@ def dequant_quant(acc: Tensor, xs: Tensor, ws: Tensor, bias: Optional[Tensor], a
     library().dequant_quant(torch.get_num_threads(), *_epilogue_args(acc, xs, ws, bias), ACTS[act],
                             q.data_ptr(), s.data_ptr())
     return q, s
+
+
+def bf16_epilogue(y: Tensor, bias: Optional[Tensor], act: Optional[str] = None, out_dtype: torch.dtype = torch.float32
+                  ) -> Tensor:
+    """act(float(y) + bias) of a bf16 [M, N] product, stored as `out_dtype` (fp32, or bf16 for a next bf16 GEMM)."""
+    assert y.dtype == torch.bfloat16 and y.is_contiguous() and y.dim() == 2
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    assert out_dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty(y.shape, dtype=out_dtype)
+    library().bf16_epilogue(torch.get_num_threads(), y.data_ptr(), y.shape[0], y.shape[1], _ptr(bias), ACTS[act],
+                            int(out_dtype == torch.bfloat16), out.data_ptr())
+    return out

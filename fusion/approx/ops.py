@@ -15,6 +15,9 @@ Every op runs eagerly through existing fast torch kernels, so an approximated gr
     fusion.int8_matmul_quant(q, s, w_q, w_scale, bias?, kn, act) -> (q2 int8 [M, N], s2 fp32 [M])
         quantize_rows(int8_matmul(...)) without the fp32 result: for a linear whose only consumer (after an
         activation) is another int8 linear (up -> GELU -> down of a transformer MLP).
+    fusion.bf16_linear(x bf16 [..., K], w bf16, bias?, kn, act, out_bf16) -> fp32 (or bf16) [M, N]
+        bf16 GEMM (oneDNN AVX512-BF16, fp32 accumulation, bf16 result), then act(result + bias) in fp32 in one
+        pass (`fusion.approx.kernels.bf16_epilogue`), stored in bf16 when the next consumer is a bf16 GEMM.
     fusion.int8_weight_only_linear(x, w_q, w_scale, bias?, kn) -> [..., N]
         weight-only int8: small row counts (decode) use `aten._weight_int8pack_mm` (int8 weights streamed,
         fp32 math); larger ones dequantize the weight to x's dtype once per call and run the fp32 GEMM
@@ -176,6 +179,32 @@ def _(q: Tensor, s: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]
     return q.new_empty((q.shape[0], n), dtype=torch.int8), q.new_empty((q.shape[0],), dtype=torch.float32)
 
 
+def _bf16_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], kn: bool, act: str, out_bf16: bool) -> Tensor:
+    if w.dtype != torch.bfloat16:
+        raise TypeError(f"fusion.bf16_linear expects the bf16 weight its placeholder was converted to in place, got "
+                        f"{w.dtype}; pass the same weight tensors the approximation pass converted (bind weights by name)")
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch.mm(x2, w if kn else w.t())                    # bf16 GEMM (oneDNN), fp32 accumulation inside
+    b = None if bias is None else bias.float().contiguous()
+    out_dtype = torch.bfloat16 if out_bf16 else torch.float32
+    if kernels.available() and y.shape[0]:
+        return kernels.bf16_epilogue(y.contiguous(), b, None if act == "none" else act, out_dtype)
+    y = y.float() if b is None else y.float() + b
+    return _act(y, act).to(out_dtype)
+
+
+@torch.library.custom_op("fusion::bf16_linear", mutates_args=())
+def bf16_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], kn: bool, act: str, out_bf16: bool) -> Tensor:
+    """bf16 linear: bf16 GEMM, fp32 bias + activation epilogue; see the module docstring."""
+    return _bf16_linear(x, w, bias, kn, act, out_bf16)
+
+
+@bf16_linear.register_fake
+def _(x: Tensor, w: Tensor, bias: Optional[Tensor], kn: bool, act: str, out_bf16: bool) -> Tensor:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((m, w.shape[1] if kn else w.shape[0]), dtype=torch.bfloat16 if out_bf16 else torch.float32)
+
+
 def _dequantize(w_q: Tensor, w_scale: Tensor, kn: bool, dtype: torch.dtype) -> Tensor:
     """The [N, K] weight in `dtype` (a fresh tensor, freed after the call)."""
     if kn:
@@ -215,5 +244,6 @@ APPROX_OPS: dict[object, str] = {
     torch.ops.fusion.quantize_rows.default: "quantize_rows",
     torch.ops.fusion.int8_matmul.default: "int8_matmul",
     torch.ops.fusion.int8_matmul_quant.default: "int8_matmul_quant",
+    torch.ops.fusion.bf16_linear.default: "bf16_linear",
     torch.ops.fusion.int8_weight_only_linear.default: "int8_weight_only_linear",
 }

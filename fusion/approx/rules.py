@@ -14,7 +14,8 @@ Rules (all off unless named in `Config.approximate`):
   committed: the weight is then converted in place) and either dynamic W8A8 — ``fusion.quantize_rows(x)``
   (per-token activation scales) + ``fusion.int8_matmul`` (per-channel weight scales, `torch._int_mm`,
   dequantization + bias epilogue) — or weight-only int8 (``fusion.int8_weight_only_linear``), whichever
-  runs faster on the site's shape (`fusion.approx.cost` times both); weight-only is also W8A8's fallback.
+  runs faster on the site's shape (`fusion.approx.cost` times both); weight-only is also W8A8's fallback
+  (with ``bf16`` also asked, the bf16 linear is the fallback instead).
 - ``bf16`` — any ``mm`` / ``addmm`` / ``bmm`` on fp32: operands cast to bf16 (weights: a weight transform,
   committed in place), the matmul runs in bf16 (oneDNN AVX512-BF16, fp32 accumulation inside the kernel),
   the result is cast back to fp32, so everything around it keeps fp32.
@@ -182,7 +183,11 @@ def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: fr
             ladder = INT8_LADDER
             if ladder is None:
                 ladder, times = int8_ladder(rows, k, out_v.shape[-1])
+            if "bf16" in kinds:   # bf16 is the fallback: faster than weight-only int8 and about as accurate
+                ladder = tuple(i for i in ladder if i != "int8_weight_only") or ladder
             chain = [_int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times) for impl in ladder]
+            if "bf16" in kinds:
+                chain.append(_bf16_site(node, bias, a, b, wop, flops))
             for s, nxt in zip(chain, chain[1:]):
                 s.fallback = nxt
             sites.append(chain[0])
@@ -233,32 +238,28 @@ def _timed(times: Optional[dict[str, float]]) -> str:
 
 def _bf16_site(node, bias, a, b, wop, flops) -> Site:
     target = node.target
-    inputs = ([bias.name] if bias is not None else []) + [a.name]
-    if wop is not None:
-        w, kn, path = wop
-        inputs.append(w.name)
-    else:
-        path = []
-        inputs.append(b.name)
-    layout = [(p.target, p.args[1:], dict(p.kwargs)) for p in reversed(path)]  # root first
+    out_shape = list(val(node).shape)
+    inputs = ([bias.name] if bias is not None else []) + [a.name] + [wop[0].name if wop is not None else b.name]
+    path = wop[2] if wop is not None else []
 
     def emit(e: Emitter, ins: list[fx.Node]) -> fx.Node:
         bf = torch.bfloat16
         it = iter(ins)
-        bb = e(aten._to_copy.default, next(it), dtype=bf) if bias is not None else None
+        bias_in = next(it) if bias is not None else None
         aa = e(aten._to_copy.default, next(it), dtype=bf)
-        bsrc = next(it)
-        cast = e(aten._to_copy.default, bsrc, dtype=bf)
-        if wop is not None:
+        if wop is not None:   # a linear: bf16 GEMM, bias (fp32) in the epilogue
+            cast = e(aten._to_copy.default, next(it), dtype=bf)
             cast.meta["approx_weight_transform"] = "bf16"
-            for tgt, rest, kw in layout:
-                cast = e(tgt, cast, *rest, **kw)
-        y = e(target, bb, aa, cast) if bb is not None else e(target, aa, cast)
+            y = e(fusion_ops.bf16_linear.default, aa, cast, bias_in, wop[1], "none", False)
+            return e(aten.view.default, y, out_shape) if len(out_shape) != 2 else y
+        bb = e(aten._to_copy.default, next(it), dtype=bf)
+        y = e(target, e(aten._to_copy.default, bias_in, dtype=bf), aa, bb) if bias_in is not None else e(target, aa, bb)
         return e(aten._to_copy.default, y, dtype=torch.float32)
 
     note = "bf16 matmul (oneDNN AVX512-BF16; fp32 accumulation in the kernel, bf16 output cast back to fp32)"
     if wop is not None:
-        note += f"; weight {wop[0].name} converted in place to bf16"
+        note = (f"bf16 linear (oneDNN AVX512-BF16, fp32 accumulation; bias and activation in fp32 in one epilogue "
+                f"pass); weight {wop[0].name} converted in place to bf16")
     return Site(f"bf16:{node.name}", "bf16", node.name, inputs, emit,
                 nodes=[node.name] + [p.name for p in path], weight=wop[0].name if wop else None, note=note, flops=flops)
 
