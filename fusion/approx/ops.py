@@ -21,7 +21,7 @@ Every op runs eagerly through existing fast torch kernels, so an approximated gr
     fusion.int8_weight_only_linear(x, w_q, w_scale, bias?, kn) -> [..., N]
         weight-only int8: small row counts (decode) use `aten._weight_int8pack_mm` (int8 weights streamed,
         fp32 math); larger ones dequantize the weight to x's dtype once per call and run the fp32 GEMM
-        (speed of fp32, 4x smaller weights).
+        (oneDNN's where available: speed of fp32, 4x smaller weights).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from torch import Tensor
 
 from fusion.approx import kernels
 
-#: at or below this many rows the weight-only op uses `_weight_int8pack_mm` (GEMV-like, bandwidth bound)
-WEIGHT_ONLY_PACK_MAX_ROWS = 32
+#: at or below this many rows the weight-only op uses `_weight_int8pack_mm` (GEMV-like); its time grows
+#: linearly with the rows (measured 0.3 ms at 1 x 384 x 1536, 1.6 ms at 8, 6.2 ms at 32; dequantize + GEMM 1.2 ms)
+WEIGHT_ONLY_PACK_MAX_ROWS = 4
 
 
 #: weights are quantized in row blocks of about this many bytes, so converting one layer needs one int8
@@ -222,8 +223,17 @@ def _int8_weight_only_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Opti
             y = y + bias.to(y.dtype)
     else:
         w = _dequantize(w_q, w_scale, kn, x2.dtype)
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        b = None if bias is None else bias.to(x2.dtype)
+        linear = _onednn_linear() if x2.dtype == torch.float32 else None
+        # oneDNN's fp32 GEMM where there is one (on AMD CPUs ~2x MKL's AVX2 path, see fusion/gemm.py)
+        y = linear(x2, w.contiguous(), b, "none", [], "") if linear is not None else torch.nn.functional.linear(x2, w, b)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _onednn_linear():
+    from fusion.gemm import onednn_linear
+
+    return onednn_linear()
 
 
 @torch.library.custom_op("fusion::int8_weight_only_linear", mutates_args=())
