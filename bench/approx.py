@@ -191,6 +191,9 @@ def main(argv=None) -> int:
         print(f"[{name}] built in {info[name][1]:.1f} s; passes {[p.name for p in log.passes] if log else []}"
               f"{'; FAILED ' + str(failed) if failed else ''}"
               f"{'; ' + res.summary().splitlines()[0] if res is not None else ''}", file=sys.stderr)
+        if res is not None:
+            for line in _guard_outcome(res):
+                print(f"[{name}]   {line}", file=sys.stderr)
 
     acc = {}
     with torch.no_grad():
@@ -235,6 +238,20 @@ def main(argv=None) -> int:
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     return 0
+
+
+def _guard_outcome(res) -> list[str]:
+    """Per weight the guard changed: what it ended as, and the measured harm of each form it tried."""
+    chains: dict = {}
+    for s in res.sites:
+        chains.setdefault(s.weight or s.name, []).append(s)
+    out = []
+    for w, chain in chains.items():
+        if any(s.reverted for s in chain):
+            kept = [s.name.split(":")[0] for s in chain if not s.reverted]
+            tried = ", ".join(f"{s.name.split(':')[0]} {s.output_error:.3f}" for s in chain if s.output_error is not None)
+            out.append(f"{w}: {kept[0] if kept else 'exact'} (output error alone: {tried})")
+    return out
 
 
 def _kind_counts(res) -> dict:
