@@ -284,7 +284,7 @@ def test_public_api_runs_the_approximate_stage_and_explains_it():
     err = ((opt(x) - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err <= 0.05  # changed (bf16 is not exact) but within tolerance
     assert "approximate rewrites" in opt.explain()
-    exact = fusion.optimize(ref_model, (x,))
+    exact = fusion.optimize(ref_model, (x,), config=fusion.Config(structural_cache=False))  # passes, not a cache hit
     assert [p.name for p in exact.graphs[0].log.passes][:3] == ["normalize", "rewrite", "lower"]
 
 
