@@ -222,7 +222,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from fusion.approx import apply_approximations, bind
     from fusion.capture import capture_module
     torch.manual_seed(0)
-    # warm up once on a tiny model (fbgemm workspaces, fake-tensor caches, imports are not weights)
+    # warm up once on a tiny model (oneDNN primitives, compiled kernels, fake-tensor caches: not weights)
     tiny = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).eval(); tx = torch.randn(64, 64)
     tcap = capture_module(tiny, (tx,)); tw, tf = bind(tiny, tcap, (tx,))
     (

@@ -7,9 +7,9 @@ runs after the exact rewrite stage and before lowering, only when ``config.appro
 passes for it at every call (the module's own Parameter/buffer objects); ``example_args`` is the full flat
 argument list of ``gm`` (weights included).
 
-Rules (see `rules.py`): ``int8`` (dynamic W8A8 linears through ``torch._int_mm``; weight-only int8 for
-few-row shapes), ``bf16`` (matmuls in bf16, fp32 around them), ``relu_attention`` (softmax over keys ->
-relu(s)/L: exact only for models trained with it).
+Rules (see `rules.py`): ``int8`` (dynamic W8A8 linears: per-token activation scales, per-channel weight
+scales, ``torch._int_mm``; or weight-only int8 where that times faster), ``bf16`` (matmuls in bf16, fp32
+around them), ``relu_attention`` (softmax over keys -> relu(s)/L: exact only for models trained with it).
 
 How it works:
 
@@ -33,13 +33,15 @@ How it works:
    placeholder; their per-channel scales (N floats) become small buffers on the returned GraphModule read
    with ``get_attr`` (named ``_approx_scale_<placeholder>``); bf16 weights keep their placeholder.
    Placeholder order and names never change; placeholder ``meta["val"]`` is updated to the new dtype.
+5. Fuse (`fuse.py`): identical views and activation conversions merged, GELU and the next linear's
+   quantization / bf16 cast folded into the GEMM epilogues (values change only by rounding).
 
 Consequences the caller must respect (documented contract):
 - after an int8/bf16 commit the live weights ARE int8/bf16: the original module no longer runs eagerly
   with them, and the *exact* graph is no longer a valid fallback — fall back to ``result.gm`` (it runs
   eagerly through torch kernels) instead. Parameters converted to int8 get ``requires_grad=False``.
 - the runtime must pass the same tensor objects as ``weights`` (binding by name, as `OptimizedModule`
-  does); ``fusion.int8_linear`` raises a clear error if it is handed a float weight.
+  does); the int8 and bf16 linear ops raise a clear error if they are handed a float weight.
 """
 from __future__ import annotations
 
