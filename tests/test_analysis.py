@@ -212,7 +212,7 @@ def test_compare_before_after(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- MBU
 def test_fused_kernel_mbu_agrees_with_the_bench(monkeypatch):
-    """softmax 1024x1024 as bench/run.py runs a micro case: the analysis' MBU of the one fused kernel uses
+    """softmax 4096x1024 as bench/run.py runs a micro case: the analysis' MBU of the one fused kernel uses
     the bench's byte count (inputs read once + output written once), the same profile and the same
     function, and agrees with the bench's measured figure."""
     from bench.cases import _micro, min_bytes, softmax_hand
@@ -226,7 +226,7 @@ def test_fused_kernel_mbu_agrees_with_the_bench(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # one thread: shared CI machines barely disturb it
     try:
-        x = torch.randn(1024, 1024)
+        x = torch.randn(4096, 1024)     # 32 MB moved: a call's fixed cost (guards, wrapper) is ~1 % of it
         opt = fusion.optimize(Softmax(), (x,), config=fusion.Config(num_threads=1))
         a = fusion.analyze(opt, repeat=15)
         kernels = [s for s in a.calls if s.kind == "kernel"]
@@ -234,16 +234,17 @@ def test_fused_kernel_mbu_agrees_with_the_bench(monkeypatch):
         k = kernels[0]
         hw = load_or_calibrate()
         assert a.hw.copy_bandwidth == hw.copy_bandwidth          # the profile the bench divides by
-        assert k.bytes == min_bytes((x,), opt(x)) == 2 * 1024 * 1024 * FP32
+        assert k.bytes == min_bytes((x,), opt(x)) == 2 * 4096 * 1024 * FP32
         assert a.mbu(k) == pytest.approx(bandwidth_figures(k.bytes, k.measured_s, hw.copy_bandwidth)["frac_copy_bw"])
         args = types.SimpleNamespace(warmup=2, budget=0.3, model_budget=1.0, min_repeat=15, max_repeat=60,
                                      repeat=None, verbose=False)
-        case = _micro("softmax_1k", "hand-written softmax, 1024x1024", softmax_hand, (1024, 1024))
+        case = _micro("softmax_4k", "hand-written softmax, 4096x1024", softmax_hand, (4096, 1024))
         rec = run_case(case, ["fusion"], args, hw.copy_bandwidth, hw)
         bench = rec["results"]["fusion"]
         assert "error" not in bench and not bench.get("fallback")
         assert rec["min_bytes"] == k.bytes
         # the bench times a whole call (Dynamo guards + program), the analysis the kernel alone
-        assert a.mbu(k) == pytest.approx(bench["frac_copy_bw"], rel=0.5)
+        print(f"\nMBU: analysis {a.mbu(k):.3f}, bench {bench['frac_copy_bw']:.3f}")
+        assert a.mbu(k) == pytest.approx(bench["frac_copy_bw"], rel=0.25)
     finally:
         torch.set_num_threads(threads)
