@@ -294,3 +294,46 @@ def test_int8_with_bf16_falls_back_to_bf16(block, w8a8_first):
     names = [s.name.split(":")[0] for s in opt.result.sites]
     assert names.count("int8") == 6 and names.count("bf16") == 6 and "int8_weight_only" not in names
     assert all(s.reverted for s in opt.result.sites) and torch.equal(out, ref)
+
+
+class SdpaBlock(nn.Module):
+    """Attention through F.scaled_dot_product_attention (captured whole as fusion.attention), grouped-query,
+    with a padding mask or causal; `relu=True` runs the ReLU-attention reference by hand."""
+
+    def __init__(self, d=64, heads=4, kv_heads=2, causal=False):
+        super().__init__()
+        self.h, self.hkv, self.causal = heads, kv_heads, causal
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d * kv_heads // heads)
+
+    def forward(self, x, keep, relu: bool = False):
+        b, t, d = x.shape
+        hd = d // self.h
+        q = self.q(x).view(b, t, self.h, hd).transpose(1, 2)
+        k, v = (y.view(b, t, self.hkv, hd).transpose(1, 2) for y in self.kv(x).chunk(2, -1))
+        mask = None if self.causal else keep[:, None, None, :]
+        if relu:
+            k, v = (y.repeat_interleave(self.h // self.hkv, 1) for y in (k, v))
+            s = q @ k.transpose(-1, -2) / math.sqrt(hd)
+            drop = ~torch.ones(t, t, dtype=torch.bool).tril() if self.causal else ~mask
+            a = (torch.relu(s.masked_fill(drop, float("-inf"))) / t) @ v
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
+                                                                 enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_relu_attention_on_fused_sdpa_attention(causal):
+    torch.manual_seed(0)
+    m = SdpaBlock(causal=causal).eval()
+    x, keep = torch.randn(2, 12, 64), torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 9:] = False                                     # padding in the second sequence
+    with torch.no_grad():
+        want, ref = m(x, keep, relu=True), m(x, keep)
+    opt = optimize_approx(m, (x, keep), fusion.Config(approximate={"relu_attention"}, tolerance=0.99))
+    (site,) = opt.result.sites
+    assert site.kind == "relu_attention" and not site.reverted and "fused attention" in site.note
+    with torch.no_grad():
+        out = opt(x, keep)
+    assert rel_err(out, want) < 1e-5 and rel_err(out, ref) > 1e-3

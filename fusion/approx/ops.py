@@ -22,6 +22,10 @@ Every op runs eagerly through existing fast torch kernels, so an approximated gr
         weight-only int8: small row counts (decode) use `aten._weight_int8pack_mm` (int8 weights streamed,
         fp32 math); larger ones dequantize the weight to x's dtype once per call and run the fp32 GEMM
         (oneDNN's where available: speed of fp32, 4x smaller weights).
+    fusion.relu_attention(q, k, v, mask?, scale, causal) -> [..., H, S, Dv]
+        fusion.attention with softmax replaced by relu(s) / L (L = key length; Wortsman et al. 2023):
+        relu(q k^T * scale + mask) / L @ v, masked and (causal) future positions contribute 0;
+        grouped-query aware like fusion.attention.
 """
 from __future__ import annotations
 
@@ -257,3 +261,31 @@ APPROX_OPS: dict[object, str] = {
     torch.ops.fusion.bf16_linear.default: "bf16_linear",
     torch.ops.fusion.int8_weight_only_linear.default: "int8_weight_only_linear",
 }
+
+
+@torch.library.custom_op("fusion::relu_attention", mutates_args=())
+def relu_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    """relu(q @ k^T * scale + mask) / L @ v, L = k.shape[-2]; the arguments of fusion.attention."""
+    if k.shape[-3] != q.shape[-3]:                       # grouped-query: each k/v head serves H/Hkv q heads
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    S, L = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal:
+        s = s.masked_fill(~torch.ones(S, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return _sdpa_layout(torch.matmul(torch.relu(s) / L, v))
+
+
+def _sdpa_layout(out: Tensor) -> Tensor:
+    """[B, H, S, D] stored as [B, S, H, D], as SDPA's CPU kernel returns it (captured graphs may `view`
+    the transposed result, which only that layout allows)."""
+    if out.dim() != 4:
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@relu_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    return _sdpa_layout(q.new_empty((*q.shape[:-1], v.shape[-1])))

@@ -302,6 +302,31 @@ def relu_attention_sites(gm: fx.GraphModule) -> list[Site]:
 
         sites.append(Site(f"relu_attention:{node.name}", "relu_attention", node.name, [x.name], emit,
                           nodes=[node.name], note=f"{RELU_NOTE}; L={length}"))
+    sites += _fused_attention_sites(gm)
+    return sites
+
+
+def _fused_attention_sites(gm: fx.GraphModule) -> list[Site]:
+    """fusion.attention (captured SDPA, or the exact attention rule's result) -> fusion.relu_attention."""
+    fused = getattr(getattr(torch.ops, "fusion", None), "attention", None)
+    if fused is None:
+        return []
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not fused.default:
+            continue
+        q, k, v, mask, scale, causal = node.args
+        length = int(val(k).shape[-2])
+        tensors = [a for a in (q, k, v, mask) if isinstance(a, fx.Node)]
+
+        def emit(e: Emitter, ins: list[fx.Node], mask_given: bool = isinstance(mask, fx.Node),
+                 scale: float = scale, causal: bool = causal) -> fx.Node:
+            qq, kk, vv = ins[:3]
+            mm = ins[3] if mask_given else None
+            return e(torch.ops.fusion.relu_attention.default, qq, kk, vv, mm, scale, causal)
+
+        sites.append(Site(f"relu_attention:{node.name}", "relu_attention", node.name, [t.name for t in tensors], emit,
+                          nodes=[node.name], note=f"{RELU_NOTE}; L={length} (fused attention)"))
     return sites
 
 
