@@ -44,6 +44,15 @@ def save_program(opt: Any, path: str | Path) -> Path:
         )
     cap = opt._captured
     graph = opt.graphs[0]
+    if graph.log.approx is not None:
+        raise FusionInputError(
+            "saving a program with approximate rewrites (Config.approximate) is not supported yet: its "
+            "weights were converted in place (int8/bf16) and its graph holds quantization constants. Save the "
+            "exact program (optimize without `approximate`) or keep this optimized module in memory.")
+    try:
+        graph_dict = graph_to_dict(graph.program_gm)
+    except TypeError as e:
+        raise FusionInputError(f"this program cannot be saved: {e}") from None
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     weights = {}
@@ -59,7 +68,7 @@ def save_program(opt: Any, path: str | Path) -> Path:
     program = {
         "format": FORMAT,
         "model": type(opt.original).__name__,
-        "graph": graph_to_dict(graph.program_gm),
+        "graph": graph_dict,
         "bindings": cap.input_bindings,
         "buffer_mutations": {str(k): v for k, v in cap.buffer_mutations.items()},
         "out_spec": out_spec,

@@ -337,3 +337,10 @@ def test_relu_attention_on_fused_sdpa_attention(causal):
     with torch.no_grad():
         out = opt(x, keep)
     assert rel_err(out, want) < 1e-5 and rel_err(out, ref) > 1e-3
+
+
+def test_saving_an_approximate_program_says_why_not(block, tmp_path):
+    x = torch.randn(2, 16, 64)
+    opt = fusion.optimize(block, (x,), config=fusion.Config(approximate={"int8"}, tolerance=0.99))
+    with pytest.raises(fusion.FusionInputError, match="approximate"):
+        opt.save(tmp_path / "p")
