@@ -26,6 +26,15 @@ def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mappi
     from fusion.pipeline import compile_graph
 
     config = Config.from_options(options)
+    if config.approximate:
+        import warnings
+
+        warnings.warn(
+            "fusion: approximate rewrites (Config.approximate) are applied by fusion.optimize(model, example_inputs, "
+            "config=...) only; through torch.compile they are ignored and the program is exact. They convert the "
+            "model's weights in place (int8/bf16), which would invalidate torch.compile's guards on those weights.",
+            stacklevel=2)
+        config = config.replace(approximate=frozenset())
 
     def compiler(label: str):
         def compile_fn(graph: fx.GraphModule, inputs: list[Any]) -> Any:

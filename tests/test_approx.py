@@ -344,3 +344,15 @@ def test_saving_an_approximate_program_says_why_not(block, tmp_path):
     opt = fusion.optimize(block, (x,), config=fusion.Config(approximate={"int8"}, tolerance=0.99))
     with pytest.raises(fusion.FusionInputError, match="approximate"):
         opt.save(tmp_path / "p")
+
+
+def test_torch_compile_options_say_approximate_is_optimize_only(block):
+    x = torch.randn(2, 16, 64)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="fusion.optimize"):
+        cm = torch.compile(block, backend="fusion", options={"approximate": {"int8"}})
+        with torch.no_grad():
+            out = cm(x)
+            ref = block(x)
+    assert rel_err(out, ref) <= 1e-4                           # exact: nothing approximated
+    assert all(p.dtype == torch.float32 for p in block.parameters())   # no weight converted
