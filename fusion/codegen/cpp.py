@@ -285,8 +285,12 @@ def render_rows(ir: KernelIR) -> str:
         for i in _reach(ir, roots(k), set()):
             if P[i].vec:
                 loops_of.setdefault(i, set()).add(k)
-    scratch = {i: min(ls) for i, ls in loops_of.items()
-               if len(ls) > 1 and P[i].op in TRANSCENDENTAL}
+    # stored once in a scratch row (L1) by the first loop that computes it, read by the later ones:
+    # transcendentals, and the outermost value of a prologue that several loops would recompute
+    # (e.g. s * 0.125 + mask before softmax's max and exp-sum loops, x + residual before a norm's loops)
+    multi = {i for i, ls in loops_of.items() if len(ls) > 1 and P[i].op not in ("load", "const", "constb", "N")}
+    inner = {a for j in multi for a in P[j].args if a in multi and loops_of[a] <= loops_of[j]}
+    scratch = {i: min(loops_of[i]) for i in multi if P[i].op in TRANSCENDENTAL or i not in inner}
     sidx = {i: s for s, i in enumerate(sorted(scratch))}
     ir.n_scratch = len(scratch)
 
