@@ -9,7 +9,8 @@ oneDNN's AVX-512 kernels reach ~230 (`python -m costmodel.calibrate` measures bo
     addmm(bias, a, permute(w, [1, 0]))   ->  mkldnn._linear_pointwise(a, w, bias, "none", [], "")
     mm(a, b)                             ->  mkldnn._linear_pointwise(a, permute(b, [1, 0]), None, ...)
 
-only when the stored hardware profile says oneDNN is at least `MIN_SPEEDUP` faster. The weight is
+only when the stored hardware profile says oneDNN is at least `MIN_SPEEDUP` faster, and only for products
+big enough that the saving beats oneDNN's larger fixed cost per call (`EXTRA_CALL_S`). The weight is
 passed as it is (a view, never packed or copied: seed 000); the result is the same product in fp32
 (another summation order: relative differences ~1e-6). Anything else (bmm, other dtypes, CUDA, an
 addmm with alpha/beta or a 2-D bias) stays as it is.
@@ -25,6 +26,10 @@ from torch import fx
 aten = torch.ops.aten
 MIN_SPEEDUP = 1.15
 ONEDNN_KEY = "float32_onednn"
+#: oneDNN's extra fixed cost per call over ATen's mm (primitive lookup; measured here: 12-13 us for a 32x32
+#: product vs 1.4-3.6 us): a product moves only when its predicted saving exceeds it (tiny GEMMs and
+#: single-row decode GEMMs below ~4 MFLOP stay on ATen)
+EXTRA_CALL_S = 10e-6
 
 
 def onednn_linear() -> Any:
@@ -41,6 +46,15 @@ def prefers_onednn(hw: Any) -> bool:
     rates = getattr(hw, "gemm_flops", None) or {}
     mkl, dnn = rates.get("float32", 0.0), rates.get(ONEDNN_KEY, 0.0)
     return bool(mkl and dnn and dnn >= MIN_SPEEDUP * mkl) and onednn_linear() is not None
+
+
+def _worth_it(m: Any, k: int, n: Any, hw: Any) -> bool:
+    """Predicted time on oneDNN (its rate + EXTRA_CALL_S) below ATen's (MKL's rate)? Symbolic sizes by their hint."""
+    from costmodel.roofline import to_int
+
+    flops = 2.0 * to_int(m) * k * to_int(n)
+    rates = hw.gemm_flops
+    return flops / rates["float32"] > flops / rates[ONEDNN_KEY] + EXTRA_CALL_S
 
 
 def _val(n: Any) -> Any:
@@ -96,6 +110,8 @@ def use_onednn_gemms(gm: fx.GraphModule, hw: Any) -> tuple[fx.GraphModule, int]:
             continue
         k = _val(a).shape[1]
         if not isinstance(k, int) or k == 0:   # oneDNN has no empty reduction; a symbolic K stays on ATen
+            continue
+        if not _worth_it(_val(a).shape[0], k, _val(n).shape[1], hw):
             continue
         w = _weight_of(graph, b, n)
         with graph.inserting_before(n):

@@ -29,8 +29,8 @@ def graph_of(m, *args):
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(48, 96), nn.Linear(96, 32, bias=False)
-        self.w = nn.Parameter(torch.randn(32, 16))      # x @ w: a [K, N] operand, not a transposed weight
+        self.a, self.b = nn.Linear(256, 512), nn.Linear(512, 256, bias=False)
+        self.w = nn.Parameter(torch.randn(256, 128) / 16)  # x @ w: a [K, N] operand, not a transposed weight
 
     def forward(self, x):
         return (self.b(torch.relu(self.a(x))) @ self.w).sum(-1, keepdim=True) + x[..., :1]
@@ -47,7 +47,7 @@ def targets(gm):
 
 def test_products_move_to_onednn_with_eager_results():
     torch.manual_seed(0)
-    m, x = MLP().eval(), torch.randn(4, 10, 48)
+    m, x = MLP().eval(), torch.randn(4, 16, 256)
     gm, (new, count) = run_pass(m, x, FAST)
     assert count == 3 and new is not gm
     assert aten.mm.default not in targets(new) and aten.addmm.default not in targets(new)
@@ -63,7 +63,7 @@ def test_products_move_to_onednn_with_eager_results():
 
 
 def test_profile_decides():
-    m, x = MLP().eval(), torch.randn(4, 10, 48)
+    m, x = MLP().eval(), torch.randn(4, 16, 256)
     gm, (new, count) = run_pass(m, x, SLOW)
     assert count == 0 and new is gm
 
@@ -94,7 +94,7 @@ def test_through_torch_compile_dynamic_and_training():
     torch._dynamo.reset()
     cm = torch.compile(m, backend="fusion", dynamic=True)
     for rows in (3, 17):
-        x = torch.randn(2, rows, 48)
+        x = torch.randn(2, rows, 256)
         out, out_ref = cm(x), ref(x)
         assert rel_err(out, out_ref) <= 1e-4
         out.square().mean().backward()
@@ -102,3 +102,10 @@ def test_through_torch_compile_dynamic_and_training():
         for p, q in zip(m.parameters(), ref.parameters()):
             assert rel_err(p.grad, q.grad) <= 1e-4
             p.grad = q.grad = None
+
+
+def test_tiny_products_stay_on_aten():
+    """oneDNN's fixed cost per call (~12 us here vs ~2 us for ATen's mm) loses on tiny products."""
+    m, x = MLP().eval(), torch.randn(1, 1, 256)          # one row: 0.26-0.5 MFLOP per product
+    gm, (new, count) = run_pass(m, x, FAST)
+    assert count == 0 and new is gm
