@@ -402,14 +402,16 @@ def _tensor_children(ex: EGraphExport, fc: FusionCosts, j: int) -> list[int]:
     return [ch for ch in set(ex.nodes[j].children) if not all(fc.role[m] == "scalar" for m in ex.classes.get(ch, []))]
 
 
-def materialised(ex: EGraphExport, choice: dict[int, int], roots: Iterable[int], fc: FusionCosts) -> set[int]:
-    """The classes the program `choice` must keep in memory (the minimal m of the ILP for this choice)."""
-    reach = _reachable_chosen(ex, choice, roots)
-    mat = {r for r in roots}
-    for c in reach:
+def materialised(ex: EGraphExport, choice: dict[int, int], roots: Iterable[int], fc: FusionCosts,
+                 reach: list[int] | None = None) -> set[int]:
+    """The classes the program `choice` must keep in memory (the minimal m of the ILP for this choice);
+    `reach`: the classes the program computes, when the caller has them already."""
+    roots = list(roots)
+    mat = set(roots)
+    for c in reach if reach is not None else _reachable_chosen(ex, choice, roots):
         j = choice[c]
         role = fc.role[j]
-        if role in ("leaf",):
+        if role == "leaf":
             mat.add(c)
         elif role in ("view", "opaque"):
             mat.add(c)
@@ -436,8 +438,9 @@ def _reachable_chosen(ex: EGraphExport, choice: dict[int, int], roots: Iterable[
 def kernel_outputs(ex: EGraphExport, choice: dict[int, int], roots: Iterable[int], fc: FusionCosts) -> int:
     """How many values of the program `choice` generated kernels write (about the number of kernels)."""
     roots = list(roots)
-    mat = materialised(ex, choice, roots, fc)
-    return sum(1 for c in _reachable_chosen(ex, choice, roots) if c in mat and fc.role[choice[c]] == "fusible")
+    reach = _reachable_chosen(ex, choice, roots)
+    mat = materialised(ex, choice, roots, fc, reach)
+    return sum(1 for c in reach if c in mat and fc.role[choice[c]] == "fusible")
 
 
 def fused_cost(ex: EGraphExport, choice: dict[int, int], roots: Iterable[int], alone: Sequence[float],
@@ -448,7 +451,7 @@ def fused_cost(ex: EGraphExport, choice: dict[int, int], roots: Iterable[int], a
     if not math.isfinite(dag_cost(ex, choice, roots, [0.0] * len(ex.nodes))):
         return float("inf")
     reach = _reachable_chosen(ex, choice, roots)
-    mat = materialised(ex, choice, roots, fc)
+    mat = materialised(ex, choice, roots, fc, reach)
     total = sum(fc.node_cost(choice[c], alone) for c in reach)
     read: set[int] = set()
     for c in reach:

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fusion import kernel_cache, runtime
+from fusion import cache, kernel_cache, runtime
 from fusion.config import Config
 from fusion.pipeline import CompiledGraph, CompileLog, PassRecord
 from fusion.serialize import fake_placeholders, graph_from_dict, graph_to_dict
@@ -100,7 +100,7 @@ def dump(compiled: CompiledGraph) -> tuple[dict, list[str]] | None:
             "kernels": kernels,
             "kernel_infos": [dataclasses.asdict(k) for k in log.kernels],
             "fired": log.fired,
-            "rewrite_stats": _jsonable(log.rewrite_stats),
+            "rewrite_stats": cache.jsonable(log.rewrite_stats),
             "counts": _counts(log),
             "program": program,
             "source": source,
@@ -164,17 +164,6 @@ def _counts(log: CompileLog) -> dict:
     """The log's plain numbers other than its label and size (e.g. how many GEMMs went to oneDNN)."""
     return {k: v for k, v in vars(log).items()
             if k not in ("label", "num_nodes") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _jsonable(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        try:
-            json.dumps(v)
-            out[k] = v
-        except (TypeError, ValueError):
-            out[k] = str(v)
-    return out
 
 
 # ------------------------------------------------------------------------------------- output structure

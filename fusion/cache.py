@@ -52,6 +52,18 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write(path, json.dumps(entry).encode())
 
 
+def jsonable(d: dict) -> dict:
+    """`d` with every value that JSON cannot hold replaced by its str()."""
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except (TypeError, ValueError):
+            out[k] = str(v)
+    return out
+
+
 def read_json(path: Path) -> Any | None:
     """The payload, or None when missing, truncated or corrupted (the caller rebuilds and overwrites it)."""
     try:

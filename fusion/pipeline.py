@@ -211,24 +211,11 @@ def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
             pass
     result = rewrites.rewrite(gm, config, hw)
     try:
-        payload = {"graph": serialize.graph_to_dict(result.gm), "fired": result.fired, "stats": _jsonable(result.stats)}
+        payload = {"graph": serialize.graph_to_dict(result.gm), "fired": result.fired, "stats": cache.jsonable(result.stats)}
         cache.write_json(path, payload)
     except (TypeError, ValueError, OSError):
         pass
     return result
-
-
-def _jsonable(d: dict) -> dict:
-    import json
-
-    out = {}
-    for k, v in d.items():
-        try:
-            json.dumps(v)
-            out[k] = v
-        except (TypeError, ValueError):
-            out[k] = str(v)
-    return out
 
 
 def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list) -> Any:

@@ -53,13 +53,15 @@ class RewriteResult:
     stats: dict = field(default_factory=dict)
 
 
+def _child_shapes(ex: EGraphExport, n: ENode) -> list:
+    """Shapes of e-node n's tensor children (None for a Python scalar or an absent operand)."""
+    return [ex.shape(ch) if ex.nodes[ex.classes[ch][0]].op not in ("scalar", "none") else None for ch in n.children]
+
+
 def node_costs(ex: EGraphExport, hw: HardwareProfile | None) -> list[float]:
     """Predicted seconds of each e-node, from the e-graph's own shape/dtype tables."""
-    def one(n: ENode) -> float:
-        children = [ex.shape(ch) if ex.nodes[ex.classes[ch][0]].op not in ("scalar", "none") else None
-                    for ch in n.children]
-        return enode_seconds(enode_cost(n.op, n.literals, children, ex.shape(n.cls), ex.dtype(n.cls)), hw)
-    return [one(n) for n in ex.nodes]
+    return [enode_seconds(enode_cost(n.op, n.literals, _child_shapes(ex, n), ex.shape(n.cls), ex.dtype(n.cls)), hw)
+            for n in ex.nodes]
 
 
 def _on_gpu(gm: torch.fx.GraphModule) -> bool:
@@ -78,10 +80,6 @@ def original_choice(ex: EGraphExport, orig: dict) -> dict[int, int]:
         if n.op in ("var", "scalar", "none"):
             choice.setdefault(n.cls, n.id)
     return choice
-
-
-def _child_shapes(ex: EGraphExport, n: ENode) -> list:
-    return [ex.shape(ch) if ex.nodes[ex.classes[ch][0]].op not in ("scalar", "none") else None for ch in n.children]
 
 
 def fusion_costs(ex: EGraphExport, hw: HardwareProfile | None, gpu: bool = False) -> FusionCosts:
@@ -143,20 +141,22 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     try:
         ex = export_egraph(ins.egraph)
         orig = original_enodes(ex, ins)
-        costs = node_costs(ex, hw)
         original = set(orig.values())
-        costs = [c if j in original or c == 0.0 else c + TIE_BREAK_S for j, c in enumerate(costs)]
+        as_written = original_choice(ex, orig)
+
+        def tie_break(cs: list[float]) -> list[float]:
+            return [c if j in original or c == 0.0 else c + TIE_BREAK_S for j, c in enumerate(cs)]
+
+        costs = tie_break(node_costs(ex, hw))
         roots = [ex.lets[n.name] for n in ins.roots]
         # generated kernels: kernel-boundary-aware extraction; ATen only (codegen="aten"): each e-node a call
         fc = fusion_costs(ex, hw, gpu=_on_gpu(gm)) if config.codegen != "aten" else None
+        before = sum(costs[j] for j in original)
         if fc is not None:
-            fc.inside = [c if j in original or c == 0.0 else c + TIE_BREAK_S for j, c in enumerate(fc.inside)]
-        if fc is None:
-            before = sum(costs[j] for j in original)
-        else:
-            before = fused_cost(ex, original_choice(ex, orig), roots, costs, fc)
-            if not before < float("inf"):    # the input is not a choice of this e-graph (e.g. x*1 merged with x)
-                before = sum(costs[j] for j in original)
+            fc.inside = tie_break(fc.inside)
+            priced = fused_cost(ex, as_written, roots, costs, fc)
+            if priced < float("inf"):        # else the input is not a choice of this e-graph (x*1 merged with x)
+                before = priced
         result = extract(ex, roots, lambda n: costs[n.id], config.extract_time_limit_s, fusion=fc)
     except RewriteError:
         raise
@@ -167,7 +167,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
                  cost_before=before, cost_after=min(before, result.cost))
     kept = not result.cost < before - TIE_BREAK_S
     if fc is not None:
-        stats["kernel_outputs"] = kernel_outputs(ex, original_choice(ex, orig) if kept else result.choice, roots, fc)
+        stats["kernel_outputs"] = kernel_outputs(ex, as_written if kept else result.choice, roots, fc)
     if kept:
         stats["kept_input"] = True
         return RewriteResult(gm, {}, stats)
@@ -181,7 +181,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     lap("rebuild")
     if fired:
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        sites = site_alternatives(ex, ins, result.choice, roots, costs, fc, original_choice(ex, orig), original)
+        sites = site_alternatives(ex, ins, result.choice, roots, costs, fc, as_written, original)
         stats["sites"] = sorted(sites, key=lambda site: order.get(site["node"], len(order)))
         lap("alternatives")
     return RewriteResult(new_gm, fired, stats)

@@ -23,7 +23,7 @@ BUDGET_S = 0.3
 
 
 def describe(ex: EGraphExport, j: int) -> str:
-    """A short name for e-node j: its op, its non-tensor arguments, and its children's ops."""
+    """A short name for e-node j: its op and its non-tensor arguments."""
     n = ex.nodes[j]
     lits = [f"{v:g}" if isinstance(v, float) else str(v) for v in n.literals]
     return n.op + (f"[{', '.join(lits)}]" if lits else "")
