@@ -105,8 +105,9 @@ def enode_cost(
     elif op == "rms_norm":
         c.flops = 4 * n_out
         c.transcendentals = n_out / _last(out_shape)
-    elif op == "gelu":           # erf: x/sqrt2, +1, *x, *0.5; tanh: x^3 (2), *c, +x, *k, +1, *x, *0.5
-        c.flops, c.transcendentals = (8 if literals and literals[0] == "tanh" else 4) * n_out, n_out
+    elif op == "gelu":           # erf: x/sqrt2, +1, *x, *0.5; tanh: x^3 (2), *c, +x, *k, +1, *x, *0.5; quick: *1.702, +1, /
+        approx = literals[0] if literals else "none"
+        c.flops, c.transcendentals = {"tanh": 8, "quick": 3}.get(approx, 4) * n_out, n_out
     elif op == "attention":   # reads q, k, v, mask; writes [.., S, Dv]; scores [.., S, L] stay in cache
         q, k = children[0], children[1]
         if q and k:
@@ -178,7 +179,7 @@ def inside_cost(op: str, literals: Sequence[object], children: Sequence[Sequence
     c = enode_cost(op, literals, children, out_shape, dtype)
     fn = TRANSCENDENTAL_FN.get(op if op != "unary" else str(literals[0] if literals else ""))
     if op == "gelu":
-        fn = "tanh" if literals and literals[0] == "tanh" else "erf"
+        fn = {"tanh": "tanh", "quick": "exp"}.get(str(literals[0]) if literals else "none", "erf")
     work = Cost(flops=c.flops, transcendentals=c.transcendentals, generated=True,
                 transcendental_mix={fn: c.transcendentals} if fn and c.transcendentals else {})
     passes = ROW_OPS.get(op, 1 if op in REDUCTION_OPS else 0)

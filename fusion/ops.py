@@ -13,6 +13,7 @@ Ops ATen lacks in a single-output functional form are defined here, in the `fusi
     fusion.layer_norm(x, weight?, bias?, eps)  normalises over the last dim only
     fusion.rms_norm(x, weight?, eps)           x * rsqrt(mean(x*x, -1) + eps) * weight
     fusion.attention(q, k, v, mask?, scale, causal)  softmax(q k^T * scale + mask) v, grouped-query aware
+    fusion.gelu_quick(x)                       x * sigmoid(1.702 * x)   (HF QuickGELUActivation, CLIP)
 """
 from __future__ import annotations
 
@@ -111,12 +112,26 @@ def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, cau
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("fusion::gelu_quick", mutates_args=())
+def gelu_quick(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 * x): the ATen ops of the source form in its order (so it rounds as eager does),
+    in one buffer."""
+    y = x * 1.702
+    return y.sigmoid_().mul_(x)
+
+
+@gelu_quick.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)     # pointwise: x's layout, as aten's pointwise ops
+
+
 #: FX targets that are "fused ops" (one kernel each, or part of one), with a short name for reports.
 FUSED_OPS: dict[object, str] = {
     aten._softmax.default: "softmax",
     aten._log_softmax.default: "log_softmax",
     aten.gelu.default: "gelu",
     aten.silu.default: "silu",
+    torch.ops.fusion.gelu_quick.default: "gelu_quick",
     torch.ops.fusion.layer_norm.default: "layer_norm",
     torch.ops.fusion.rms_norm.default: "rms_norm",
     torch.ops.fusion.attention.default: "attention",

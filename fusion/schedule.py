@@ -54,6 +54,8 @@ if _fusion_ns is not None and hasattr(_fusion_ns, "layer_norm"):
     ROW_FUSED[torch.ops.fusion.layer_norm.default] = "layer_norm"
     ROW_FUSED[torch.ops.fusion.rms_norm.default] = "rms_norm"
 ROW_FUSED[aten.native_layer_norm.default] = "layer_norm"   # only when just output 0 is used
+if _fusion_ns is not None and hasattr(_fusion_ns, "gelu_quick"):
+    POINTWISE[torch.ops.fusion.gelu_quick.default] = "gelu_quick"
 VIEWS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,

@@ -27,6 +27,15 @@ _BINARY = {"add": aten.add.Tensor, "sub": aten.sub.Tensor, "mul": aten.mul.Tenso
 #: fused e-graph op -> rule name reported in `fired`
 RULE_OF = {"softmax": "softmax", "log_softmax": "log_softmax", "layer_norm": "layer_norm",
            "rms_norm": "rms_norm", "gelu": "gelu", "silu": "silu", "addmm": "linear", "attention": "attention"}
+#: fused e-graph op -> its literal-dependent rule name suffix (gelu(x, "tanh") fires `gelu_tanh`)
+_VARIANT = {"tanh": "_tanh", "quick": "_quick"}
+
+
+def rule_name(op: str, literals: tuple) -> str:
+    """The `fired` key of a fused e-node: `RULE_OF[op]`, with the variant of its first literal."""
+    return RULE_OF[op] + (_VARIANT.get(literals[0], "") if literals and isinstance(literals[0], str) else "")
+
+
 _LAYOUT = {"view": aten.view.default, "expand": aten.expand.default, "permute": aten.permute.default,
            "unsqueeze": aten.unsqueeze.default}
 
@@ -56,6 +65,8 @@ def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
         return getattr(aten, op).default, tuple(a), {}
     if op in ("softmax", "log_softmax"):
         return getattr(aten, f"_{op}").default, (a[0], lit[0], False), {}
+    if op == "gelu" and lit[0] == "quick":
+        return torch.ops.fusion.gelu_quick.default, (a[0],), {}
     if op == "gelu":
         return aten.gelu.default, (a[0],), ({"approximate": lit[0]} if lit[0] != "none" else {})
     if op == "silu":
@@ -145,7 +156,7 @@ def rebuild(gm: GraphModule, ins: Inserted, ex: EGraphExport, choice: dict[int, 
             new.meta["val"] = _fake_run(fake_mode, target, args, kwargs, new)
             built[cls] = new
             if node.op in RULE_OF:
-                fused_at.append((cls, RULE_OF[node.op] + ("_tanh" if node.literals == ("tanh",) else "")))
+                fused_at.append((cls, rule_name(node.op, node.literals)))
 
     def materialise(root: int) -> Any:
         stack = [(root, False)]

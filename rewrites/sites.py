@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from costmodel.egraph_cost import LOGICAL
 from costmodel.extract import EGraphExport, FusionCosts, dag_cost, extract_greedy, fused_cost
 from rewrites.insert import Inserted
-from rewrites.rebuild import RULE_OF
+from rewrites.rebuild import RULE_OF, rule_name
 
 MAX_SITES = 64
 MAX_ALTERNATIVES = 4
@@ -61,7 +61,7 @@ def site_alternatives(ex: EGraphExport, ins: Inserted, choice: dict[int, int], r
             if cost != float("inf"):
                 alts.append({"form": describe(ex, k), "as_written": k in as_written, "cost_s": cost})
         alts.sort(key=lambda a: (not a["as_written"], a["cost_s"]))
-        rule = RULE_OF[node.op] + ("_tanh" if node.literals == ("tanh",) else "")
+        rule = rule_name(node.op, node.literals)
         sites.append({"rule": rule, "node": names.get(c, f"class {c}"),
                       "chosen": {"form": describe(ex, j), "cost_s": chosen_cost},
                       "alternatives": alts[:MAX_ALTERNATIVES]})

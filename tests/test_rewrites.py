@@ -22,6 +22,7 @@ FUSED = {
     "softmax": aten._softmax.default, "log_softmax": aten._log_softmax.default, "gelu": aten.gelu.default,
     "silu": aten.silu.default, "layer_norm": torch.ops.fusion.layer_norm.default,
     "rms_norm": torch.ops.fusion.rms_norm.default, "addmm": aten.addmm.default, "mm": aten.mm.default,
+    "gelu_quick": torch.ops.fusion.gelu_quick.default,
 }
 
 

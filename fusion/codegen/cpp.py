@@ -80,6 +80,7 @@ TEMPLATES = {
     # torch's fp32 gelu gives NaN at +inf (its vectorised erf): matched
     "gelu": "{0} == INFINITY ? NAN : 0.5f * {0} * (1.0f + erff({0} * 0.70710678118654752f))",
     "gelu_tanh": "0.5f * {0} * (1.0f + tanhf(0.79788456080286536f * ({0} + 0.044715f * {0} * {0} * {0})))",
+    "gelu_quick": "{0} / (1.0f + FEXP(-(1.702f * {0})))",        # x * sigmoid(1.702 x)
 }
 
 

@@ -18,7 +18,7 @@ from fusion import schedule as S
 aten = torch.ops.aten
 
 #: primitives that evaluate a transcendental function (counted, and stored rather than recomputed)
-TRANSCENDENTAL = {"exp", "log", "tanh", "erf", "sigmoid", "silu", "gelu", "gelu_tanh", "powf"}
+TRANSCENDENTAL = {"exp", "log", "tanh", "erf", "sigmoid", "silu", "gelu", "gelu_tanh", "gelu_quick", "powf"}
 REDUCE = {"sum", "amax", "amin"}
 
 

@@ -18,6 +18,7 @@ from egglog import Bool, RewriteOrRule, String, Vec, eq, f64, i64, ne, rewrite, 
 from rewrites.egraph import (
     Tensor,
     c,
+    neg,
     reciprocal,
     reduce,
     rsqrt,
@@ -40,6 +41,7 @@ def scalar_algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterab
     yield rewrite(x / c(k)).to(x * c(1.0 / k), ne(k).to(f64(0.0)))   # x/c -> x*(1/c)
     yield rewrite(x - c(k)).to(x + c(-k))                           # x-c -> x+(-c)
     yield rewrite(x * c(1.0)).to(x)                                 # x*1 -> x
+    yield rewrite(x * c(k)).to(neg(x * c(-k)), k < f64(0.0))   # x*(-k) -> -(x*k)  (x*-1 -> -x with x*1 -> x)
     yield rewrite(x + c(0.0)).to(x)                                 # x+0 -> x
     yield rewrite((x * c(k)) * c(k2)).to(x * c(k * k2))             # (x*a)*b -> x*(ab)
     yield rewrite((x * c(k)) * y).to((x * y) * c(k), *tensor(y))     # (x*a)*y -> (x*y)*a  (y not a scalar)
