@@ -32,6 +32,8 @@ class Config:
     structural_cache: look the module up in the structural cache before capturing it (fusion/structural.py):
                    the same architecture optimized before, with any weights, skips torch.export, rewriting
                    and lowering. The key is the module's computation traced on fake tensors, never weights.
+                   Under torch.compile it also turns on the warm path for inference graphs Dynamo compiled
+                   before (fusion/dynamo_cache.py: keyed by the Dynamo graph's code; skips AOTAutograd).
     """
 
     approximate: frozenset[str] = frozenset()
