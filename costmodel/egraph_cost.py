@@ -117,6 +117,9 @@ def enode_cost(
             c.flops, c.transcendentals = 4 * scores, scores
     elif op == "silu":
         c.flops, c.transcendentals = 2 * n_out, n_out
+    elif op == "glu":            # act(g) (as silu / gelu above) and the product
+        act = literals[0] if literals else "silu"
+        c.flops, c.transcendentals = {"silu": 3, "gelu": 5, "gelu_tanh": 9}.get(act, 3) * n_out, n_out
     else:
         c.flops = n_out
     return c
@@ -128,7 +131,7 @@ def enode_seconds(cost: Cost, hw: HardwareProfile | None) -> float:
 
 # --- inside a generated kernel -----------------------------------------------------------------------
 #: e-graph ops the scheduler puts in a row kernel (fusion/schedule.py POINTWISE / ROW_FUSED / REDUCTIONS)
-POINTWISE_OPS = {"add", "sub", "mul", "div", "pow_", "unary", "where", "gelu", "silu"}
+POINTWISE_OPS = {"add", "sub", "mul", "div", "pow_", "unary", "where", "gelu", "silu", "glu"}
 #: row-wise fused ops -> passes over the row before the final (writing) pass, e.g. softmax: max, sum
 ROW_OPS = {"softmax": 2, "log_softmax": 2, "layer_norm": 2, "rms_norm": 1}
 #: one-dim reductions (fusible only over the last dim): literals (name, dim, keepdim) / (dim, correction, keepdim)
@@ -180,6 +183,8 @@ def inside_cost(op: str, literals: Sequence[object], children: Sequence[Sequence
     fn = TRANSCENDENTAL_FN.get(op if op != "unary" else str(literals[0] if literals else ""))
     if op == "gelu":
         fn = {"tanh": "tanh", "quick": "exp"}.get(str(literals[0]) if literals else "none", "erf")
+    if op == "glu":
+        fn = {"silu": "exp", "gelu": "erf", "gelu_tanh": "tanh"}.get(str(literals[0]) if literals else "silu")
     work = Cost(flops=c.flops, transcendentals=c.transcendentals, generated=True,
                 transcendental_mix={fn: c.transcendentals} if fn and c.transcendentals else {})
     passes = ROW_OPS.get(op, 1 if op in REDUCTION_OPS else 0)

@@ -62,6 +62,7 @@ _PW.update({
     "gelu": (4, 1),                         # 0.5*x*(1+erf(x/sqrt2)): 4 FLOPs + erf   (tanh form below)
     "silu": (3, 1),                         # x / (1 + exp(-x)): neg/add/div... 3 FLOPs + exp
     "gelu_quick": (4, 1),                   # fusion.gelu_quick: x / (1 + exp(-1.702 x)): 4 FLOPs + exp
+    "swiglu": (4, 1), "geglu": (5, 1),      # fusion.swiglu / geglu: the activation and the product
     "gelu_backward": (8, 2),                # erf + exp (Gaussian pdf)
     "silu_backward": (5, 1),
     "native_dropout_backward": (2, 0),
@@ -129,7 +130,7 @@ TRANSCENDENTAL_FN: dict[str, str] = {
     **{n: "exp" for n in """exp exp2 expm1 silu_backward elu celu selu softplus mish logit
     logsumexp _log_softmax log_softmax special_log_softmax _log_softmax_backward_data randn_like""".split()},
     **{n: "softmax" for n in "_softmax softmax _safe_softmax special_softmax".split()},
-    "silu": "silu", "gelu": "gelu", "sigmoid": "sigmoid", "gelu_quick": "exp",
+    "silu": "silu", "gelu": "gelu", "sigmoid": "sigmoid", "gelu_quick": "exp", "swiglu": "silu", "geglu": "gelu",
     **{n: "tanh" for n in "tanh tanh_backward".split()},
     **{n: "erf" for n in "erf erfc erfinv gelu_backward".split()},
 }

@@ -14,6 +14,8 @@ Ops ATen lacks in a single-output functional form are defined here, in the `fusi
     fusion.rms_norm(x, weight?, eps)           x * rsqrt(mean(x*x, -1) + eps) * weight
     fusion.attention(q, k, v, mask?, scale, causal)  softmax(q k^T * scale + mask) v, grouped-query aware
     fusion.gelu_quick(x)                       x * sigmoid(1.702 * x)   (HF QuickGELUActivation, CLIP)
+    fusion.swiglu(g, u)                        silu(g) * u              (LLaMA's MLP)
+    fusion.geglu(g, u, approximate)            gelu(g, approximate) * u
 """
 from __future__ import annotations
 
@@ -125,6 +127,33 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)     # pointwise: x's layout, as aten's pointwise ops
 
 
+def _glu(act: Tensor, u: Tensor) -> Tensor:
+    """act * u, into act's buffer when u does not grow it (act is a fresh temporary)."""
+    return act.mul_(u) if torch.broadcast_shapes(act.shape, u.shape) == act.shape and act.dtype == u.dtype else act * u
+
+
+@torch.library.custom_op("fusion::swiglu", mutates_args=())
+def swiglu(g: Tensor, u: Tensor) -> Tensor:
+    """silu(g) * u (the gated linear unit of LLaMA's MLP), rounded as the source form."""
+    return _glu(aten.silu.default(g), u)
+
+
+@swiglu.register_fake
+def _(g: Tensor, u: Tensor) -> Tensor:
+    return g * u        # the product's shape, dtype and layout
+
+
+@torch.library.custom_op("fusion::geglu", mutates_args=())
+def geglu(g: Tensor, u: Tensor, approximate: str) -> Tensor:
+    """gelu(g, approximate) * u ("none": erf GELU, "tanh"), rounded as the source form."""
+    return _glu(aten.gelu.default(g, approximate=approximate), u)
+
+
+@geglu.register_fake
+def _(g: Tensor, u: Tensor, approximate: str) -> Tensor:
+    return g * u
+
+
 #: FX targets that are "fused ops" (one kernel each, or part of one), with a short name for reports.
 FUSED_OPS: dict[object, str] = {
     aten._softmax.default: "softmax",
@@ -132,6 +161,8 @@ FUSED_OPS: dict[object, str] = {
     aten.gelu.default: "gelu",
     aten.silu.default: "silu",
     torch.ops.fusion.gelu_quick.default: "gelu_quick",
+    torch.ops.fusion.swiglu.default: "swiglu",
+    torch.ops.fusion.geglu.default: "geglu",
     torch.ops.fusion.layer_norm.default: "layer_norm",
     torch.ops.fusion.rms_norm.default: "rms_norm",
     torch.ops.fusion.attention.default: "attention",

@@ -56,6 +56,8 @@ if _fusion_ns is not None and hasattr(_fusion_ns, "layer_norm"):
 ROW_FUSED[aten.native_layer_norm.default] = "layer_norm"   # only when just output 0 is used
 if _fusion_ns is not None and hasattr(_fusion_ns, "gelu_quick"):
     POINTWISE[torch.ops.fusion.gelu_quick.default] = "gelu_quick"
+    POINTWISE[torch.ops.fusion.swiglu.default] = "swiglu"      # act(g) * u: expanded into two prims
+    POINTWISE[torch.ops.fusion.geglu.default] = "geglu"
 VIEWS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,

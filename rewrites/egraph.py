@@ -3,7 +3,7 @@
 Every constructor has an explicit egglog name (`egg_fn`) so the exported e-graph speaks the same
 names as this file: `var`, `scalar`, `none`, `add`, `sub`, `mul`, `div`, `unary`, `reduce`,
 `pow_`, `var_`, `mm`, `bmm`, `addmm`, and the fused ops `softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
-`gelu`, `silu`, `attention`; `where`; layout ops `view`, `expand`, `permute`, `unsqueeze`, `clone`;
+`gelu`, `silu`, `glu`, `attention`; `where`; layout ops `view`, `expand`, `permute`, `unsqueeze`, `clone`;
 logical ops (never extracted) `reshape_`, `transpose_`, `matmul`, `repeat_kv`.
 
 Conventions (the inserter in `rewrites.insert` keeps them):
@@ -164,6 +164,10 @@ def gelu(x: Tensor, approximate: StringLike) -> Tensor: ...
 def silu(x: Tensor) -> Tensor: ...
 
 
+@function(egg_fn="glu")
+def glu(g: Tensor, u: Tensor, act: StringLike) -> Tensor: ...    # act(g) * u, act: "silu" | "gelu" | "gelu_tanh"
+
+
 @function(egg_fn="where")
 def where(cond: Tensor, a: Tensor, b: Tensor) -> Tensor: ...      # aten.where.self; cond is a bool leaf
 
@@ -209,7 +213,7 @@ UNARY_OPS = ("exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt", "reciproca
 #: reductions over one dim
 REDUCE_OPS = ("sum", "mean", "amax", "amin")
 #: fused ops, by e-graph name
-FUSED = ("softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "attention")
+FUSED = ("softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "glu", "attention")
 #: layout ops: free (a view) except clone (a copy)
 LAYOUT = ("view", "expand", "permute", "unsqueeze", "clone")
 #: logical ops: equalities for rules to match through, never chosen by extraction
@@ -228,7 +232,8 @@ def language(n: String) -> Iterable[RewriteOrRule]:
               mm(x, x), bmm(x, x), addmm(x, x, x), softmax(x, 0), log_softmax(x, 0), layer_norm(x, x, x, 0.0),
               rms_norm(x, x, 0.0), gelu(x, n), silu(x), Tensor.scalar(0.0), view(x, Vec[i64](1)),
               expand(x, Vec[i64](1)), permute(x, Vec[i64](0)), unsqueeze(x, 0), clone(x), reshape_(x, Vec[i64](1)),
-              transpose_(x), matmul(x, x), repeat_kv(x, 1), attention(x, x, x, x, 1.0, TRUE), where(x, x, x)):
+              transpose_(x), matmul(x, x), repeat_kv(x, 1), attention(x, x, x, x, 1.0, TRUE), where(x, x, x),
+              glu(x, x, n)):
         yield rule(t).then(t)
 
 

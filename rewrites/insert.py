@@ -244,6 +244,8 @@ _OPS: dict[Any, Callable[[Node], Signature | None]] = {
     aten.gelu.default: _gelu,
     aten.silu.default: lambda n: Signature("silu", (n.args[0],)),
     torch.ops.fusion.gelu_quick.default: lambda n: Signature("gelu", (n.args[0], "quick")),
+    torch.ops.fusion.swiglu.default: lambda n: Signature("glu", (n.args[0], n.args[1], "silu")),
+    torch.ops.fusion.geglu.default: lambda n: Signature("glu", (n.args[0], n.args[1], "gelu" if n.args[2] == "none" else "gelu_tanh")),
     torch.ops.fusion.layer_norm.default: lambda n: Signature("layer_norm", (n.args[0], _opt(n.args[1]), _opt(n.args[2]), float(n.args[3]))),
     torch.ops.fusion.rms_norm.default: lambda n: Signature("rms_norm", (n.args[0], _opt(n.args[1]), float(n.args[2]))),
 }

@@ -26,13 +26,18 @@ _REDUCE = {"sum": aten.sum.dim_IntList, "mean": aten.mean.dim, "amax": aten.amax
 _BINARY = {"add": aten.add.Tensor, "sub": aten.sub.Tensor, "mul": aten.mul.Tensor, "div": aten.div.Tensor}
 #: fused e-graph op -> rule name reported in `fired`
 RULE_OF = {"softmax": "softmax", "log_softmax": "log_softmax", "layer_norm": "layer_norm",
-           "rms_norm": "rms_norm", "gelu": "gelu", "silu": "silu", "addmm": "linear", "attention": "attention"}
+           "rms_norm": "rms_norm", "gelu": "gelu", "silu": "silu", "addmm": "linear", "attention": "attention",
+           "glu": "glu"}
 #: fused e-graph op -> its literal-dependent rule name suffix (gelu(x, "tanh") fires `gelu_tanh`)
 _VARIANT = {"tanh": "_tanh", "quick": "_quick"}
+#: glu's activation -> its fired key
+_GLU = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
 def rule_name(op: str, literals: tuple) -> str:
     """The `fired` key of a fused e-node: `RULE_OF[op]`, with the variant of its first literal."""
+    if op == "glu":
+        return _GLU[str(literals[0])]
     return RULE_OF[op] + (_VARIANT.get(literals[0], "") if literals and isinstance(literals[0], str) else "")
 
 
@@ -71,6 +76,10 @@ def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
         return aten.gelu.default, (a[0],), ({"approximate": lit[0]} if lit[0] != "none" else {})
     if op == "silu":
         return aten.silu.default, (a[0],), {}
+    if op == "glu" and lit[0] == "silu":
+        return torch.ops.fusion.swiglu.default, (a[0], a[1]), {}
+    if op == "glu":
+        return torch.ops.fusion.geglu.default, (a[0], a[1], "tanh" if lit[0] == "gelu_tanh" else "none"), {}
     if op == "layer_norm":
         return torch.ops.fusion.layer_norm.default, (a[0], a[1], a[2], lit[0]), {}
     if op == "rms_norm":

@@ -40,10 +40,10 @@ def llama():   # grouped-query: 4 query heads share 2 kv heads
 EXPECTED = {
     "bert": (bert, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 1}),
     "gpt2": (gpt2, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 1}),
-    "llama": (llama, {"attention": 1, "rms_norm": 2, "silu": 1}, {"rms_norm": 1}),
+    "llama": (llama, {"attention": 1, "rms_norm": 2, "swiglu": 1}, {"rms_norm": 1}),
 }
 #: rules that must be reported by explain(), per model
-RULES = {"bert": {"attention"}, "gpt2": {"attention", "gelu_tanh"}, "llama": {"attention", "rms_norm", "silu"}}
+RULES = {"bert": {"attention"}, "gpt2": {"attention", "gelu_tanh"}, "llama": {"attention", "rms_norm", "swiglu"}}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))

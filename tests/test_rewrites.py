@@ -22,7 +22,8 @@ FUSED = {
     "softmax": aten._softmax.default, "log_softmax": aten._log_softmax.default, "gelu": aten.gelu.default,
     "silu": aten.silu.default, "layer_norm": torch.ops.fusion.layer_norm.default,
     "rms_norm": torch.ops.fusion.rms_norm.default, "addmm": aten.addmm.default, "mm": aten.mm.default,
-    "gelu_quick": torch.ops.fusion.gelu_quick.default,
+    "gelu_quick": torch.ops.fusion.gelu_quick.default, "swiglu": torch.ops.fusion.swiglu.default,
+    "geglu": torch.ops.fusion.geglu.default,
 }
 
 

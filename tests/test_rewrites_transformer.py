@@ -17,7 +17,7 @@ import fusion.ops  # noqa: F401
 from fusion.config import Config
 from fusion.lower import lower_to_kernels
 from rewrites import rewrite
-from tests.test_rewrites import ONE, Fn, capture, check, counts, rel_err
+from tests.test_rewrites import FUSED, ONE, Fn, capture, check, counts, rel_err
 
 aten = torch.ops.aten
 HAS_GXX = any(os.access(os.path.join(p, "g++"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep))
@@ -70,3 +70,82 @@ def test_gelu_quick_lowers_into_a_kernel(tmp_path):
     assert torch.equal(out.isnan(), ref.isnan())
     fin = ref.isfinite()
     assert rel_err(out[fin], ref[fin]) <= 1e-6
+
+
+# ---- GLU: silu(g) * u, gelu(g) * u -------------------------------------------------------------------
+
+
+class Glu(nn.Module):
+    """act(x @ wg) * (x @ wu) (LLaMA's MLP without the down projection); `u_shape` replaces the up
+    projection by a broadcast weight of that shape, `gate_first` orders the product."""
+    def __init__(self, act, d=8, u_shape=None, gate_first=True):
+        super().__init__()
+        self.act, self.gate_first = act, gate_first
+        self.wg = nn.Parameter(torch.randn(d, d) / 3)
+        self.wu = nn.Parameter(torch.randn(d, d) / 3) if u_shape is None else None
+        self.u = nn.Parameter(torch.randn(u_shape)) if u_shape is not None else None
+
+    def forward(self, x):
+        a = self.act(x @ self.wg)
+        u = x @ self.wu if self.u is None else self.u
+        return a * u if self.gate_first else u * a
+
+
+SILU = lambda g: torch.nn.functional.silu(g)                             # noqa: E731
+SILU_WRITTEN = lambda g: g * torch.sigmoid(g)                            # noqa: E731
+GELU = lambda g: torch.nn.functional.gelu(g)                             # noqa: E731
+GELU_TANH = lambda g: torch.nn.functional.gelu(g, approximate="tanh")    # noqa: E731
+
+
+@pytest.mark.parametrize("name,act,key,approx,gate_first", [
+    ("swiglu", SILU, "swiglu", None, True),
+    ("swiglu_up_first", SILU, "swiglu", None, False),
+    ("swiglu_written", SILU_WRITTEN, "swiglu", None, True),
+    ("geglu", GELU, "geglu", "none", True),
+    ("geglu_tanh", GELU_TANH, "geglu_tanh", "tanh", False),
+])
+def test_glu(name, act, key, approx, gate_first):
+    op = "swiglu" if key == "swiglu" else "geglu"
+    shapes = [(3, 8), (1, 8), (2, 1, 8)] if name in ("swiglu", "geglu") else ONE
+    r = check(Glu(act, gate_first=gate_first), shapes, {op: 1, "silu": 0, "gelu": 0}, tol=TOL)
+    assert set(r.fired) == {key}, r.fired
+    n = next(n for n in r.gm.graph.nodes if n.target is FUSED[op])
+    if approx is not None:
+        assert n.args[2] == approx
+
+
+def test_glu_with_a_broadcast_up_operand():
+    """u [8] broadcasts to g [.., 8]: the product keeps g's shape, so it is a GLU."""
+    check(Glu(SILU, u_shape=(8,)), [(3, 8), (2, 1, 8)], {"swiglu": 1}, tol=TOL)
+
+
+def test_glu_that_would_grow_g_or_scales_by_a_number_is_not_fused():
+    class Grow(nn.Module):          # g [8] broadcast against u [.., 8]: the result is not g's shape
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.randn(8))
+        def forward(self, x):
+            return torch.nn.functional.silu(self.g * 1.0) * x
+    check(Grow(), [(3, 8)], {"swiglu": 0}, tol=TOL)
+    check(Fn(lambda m, x: torch.nn.functional.silu(x) * 3.0), ONE, {"swiglu": 0, "silu": 1}, tol=TOL)
+
+
+@needs_gxx
+@pytest.mark.parametrize("act", [SILU, GELU_TANH])
+def test_glu_kernels_are_no_worse(act, tmp_path):
+    """The GLU op lowers into the kernel the scheduler built for act + mul: same count, same bytes."""
+    torch.manual_seed(0)
+    m = Glu(act, d=64)
+    x = torch.randn(2, 16, 64)
+    gm, args = capture(m, x)
+    with_glu = rewrite(gm, Config())
+    without = rewrite(gm, Config(disable_rules=frozenset({"glu"})))
+    assert counts(with_glu.gm)["swiglu" if act is SILU else "geglu"] == 1
+    lows = [lower_to_kernels(r.gm, Config(cache_dir=str(tmp_path))) for r in (with_glu, without)]
+    traffic = [(len(lo.kernels), sum(k.bytes_read + k.bytes_written for k in lo.kernels)) for lo in lows]
+    assert traffic[0][0] <= traffic[1][0] and traffic[0][1] <= traffic[1][1], traffic
+    assert not any(n.target in (torch.ops.fusion.swiglu.default, torch.ops.fusion.geglu.default)
+                   for n in lows[0].gm.graph.nodes), lows[0].gm.code
+    with torch.no_grad():
+        ref = m(x)
+        assert rel_err(lows[0].gm(*args)[0], ref) <= 1e-5

@@ -207,6 +207,10 @@ def _expand(n: fx.Node, form: str, A, b: Builder, g: S.Group) -> int:
         if p == "gelu":
             approx = n.kwargs.get("approximate", args[1] if len(args) > 1 else "none")
             return b.op("gelu_tanh" if approx == "tanh" else "gelu", A(args[0]))
+        if p == "swiglu":                                  # silu(g) * u
+            return b.op("mul", b.op("silu", A(args[0])), A(args[1]))
+        if p == "geglu":                                   # gelu(g, approximate) * u
+            return b.op("mul", b.op("gelu_tanh" if args[2] == "tanh" else "gelu", A(args[0])), A(args[1]))
         return b.op(p, A(args[0]))
     if t in S.REDUCTIONS:
         r = S.REDUCTIONS[t]

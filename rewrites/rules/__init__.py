@@ -10,6 +10,7 @@ from rewrites.rules.activations import gelu_rules, silu_rules
 from rewrites.rules.algebra import algebra
 from rewrites.rules.analysis import analysis
 from rewrites.rules.attention import attention_family
+from rewrites.rules.glu import glu_rules
 from rewrites.rules.layer_norm import layer_norm_rules
 from rewrites.rules.linear import linear_rules
 from rewrites.rules.rms_norm import rms_norm_rules
@@ -22,6 +23,7 @@ FAMILIES: dict[str, Ruleset] = {
     "rms_norm": rms_norm_rules,
     "gelu": gelu_rules,
     "silu": silu_rules,
+    "glu": glu_rules,
     "linear": linear_rules,
     "attention": attention_family,
 }

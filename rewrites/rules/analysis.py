@@ -23,6 +23,7 @@ from rewrites.egraph import (
     dtype,
     expand,
     gelu,
+    glu,
     layer_norm,
     log_softmax,
     matmul,
@@ -88,6 +89,7 @@ def shape_rules(
             set_(shape(attention(x, y, z, w, e, flag))).to(s.set(last, t[last])))                      # q [.., S, D], v [.., L, Dv] : [.., S, Dv]
     for wh in (where(x, Tensor.scalar(k), y), where(x, y, Tensor.scalar(k))):   # an additive mask built from a bool one
         yield rule(wh, eq(shape(x)).to(s), eq(shape(y)).to(SCALAR_SHAPE)).then(set_(shape(wh)).to(s))
+    yield rule(glu(x, y, a), eq(shape(x)).to(s)).then(set_(shape(glu(x, y, a))).to(s))          # act(g)*u : shape(g) (u never grows it)
     yield rule(where(x, y, z), eq(shape(x)).to(s), eq(shape(y)).to(s), eq(shape(z)).to(s)).then(
         set_(shape(where(x, y, z))).to(s))
     yield rule(repeat_kv(x, d), eq(shape(x)).to(s), eq(s.length()).to(i64(4))).then(
@@ -104,7 +106,7 @@ def dtype_rules(x: Tensor, y: Tensor, z: Tensor, w: Tensor, op: String, d: i64, 
     for f in (x ** k, unary(op, x), reduce(op, x, d, b), variance(x, d, e, b), mm(x, y), bmm(x, y),
               softmax(x, d), log_softmax(x, d), gelu(x, op), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e),
               view(x, s), expand(x, s), permute(x, s), unsqueeze(x, d), clone(x), reshape_(x, s), transpose_(x),
-              matmul(x, y), repeat_kv(x, d), attention(x, y, z, w, k, b)):
+              matmul(x, y), repeat_kv(x, d), attention(x, y, z, w, k, b), glu(x, y, op)):
         yield rule(f, eq(dtype(x)).to(a)).then(set_(dtype(f)).to(a))                               # dtype of x
     yield rule(addmm(z, x, y), eq(dtype(x)).to(a)).then(set_(dtype(addmm(z, x, y))).to(a))
     for wh in (where(z, x, Tensor.scalar(k)), where(z, Tensor.scalar(k), x), where(z, x, y)):
