@@ -65,8 +65,10 @@ def _input_meta(x: Any) -> str | None:
 
 def key(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> str | None:
     """The cache key of Dynamo's graph on these inputs, or None when it must not be cached."""
-    if config.approximate or not config.structural_cache:
-        return None
+    from fusion.structural import stock_passes
+
+    if config.approximate or not config.structural_cache or not stock_passes():
+        return None  # (a pass replaced at run time — a test, a fault injection — is not what was stored)
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         return None  # AOTAutograd builds a joint forward/backward graph: not this cache
     if len({id(x) for x in example_inputs}) != len(example_inputs):

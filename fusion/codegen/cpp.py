@@ -33,29 +33,32 @@ extern "C" float powf(float, float) __attribute__((simd("notinbranch")));
 #define STREAM_MIN_BYTES (80LL << 20)   /* measured: helps only well beyond the 32 MB L3 */
 #endif
 #define FUSION_JB 512
-// expf without libmvec's scalar slow path for lanes below its range (masked scores: exp(-1e4)):
-// exp(x < -80) is flushed to 0 (< 2e-35); NaN propagates. The clamp keeps such lanes in range; its
-// bound is read from an (interposable) global, else GCC folds the clamp away under the outer test.
-extern "C" { float fusion_exp_lo = -80.0f; }
-// inline (vectorisable, no call, no register spills) Cephes-style expf for x in [-80, 88.73]: ~1 ulp
+// Inline (vectorisable: no call, no spills, no int conversion) Cephes-style expf, ~1 ulp:
+// exp(x) = 2^n * p(r), n = round(x / ln 2) by the 1.5 * 2^23 trick, whose low 9 bits also hold n plus the
+// exponent bias, so 2^n is those bits shifted into the exponent field. Lanes outside the range compute
+// garbage that the selects replace: x < -87.33 -> 0 (subnormal results are flushed; -inf included),
+// x > ln(FLT_MAX) -> inf; NaN propagates (every comparison is false).
+#define FUSION_EXP_POLY(x, t, bias)                                                                 \
+  const float n = t - (12582912.0f + bias);                                                        \
+  float r = x - n * 0.693359375f;                                                                  \
+  r = r - n * -2.12194440e-4f;                                                                     \
+  float p = 1.9875691500e-4f;                                                                      \
+  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;        \
+  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;                                      \
+  const float y = p * r * r + r + 1.0f;                                                            \
+  const float s = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);
 static inline float fusion_expf(float x) {
-  const float t = x * 1.44269504088896341f + 12582912.0f;   // round(x / ln 2) by the 1.5 * 2^23 trick
-  const float n = t - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t k = (int32_t)n, k1 = k >> 1;                  // 2^n as 2^(n/2) * 2^(n - n/2): n may be 128
-  const float s1 = __builtin_bit_cast(float, (int32_t)((k1 + 127) << 23));
-  const float s2 = __builtin_bit_cast(float, (int32_t)((k - k1 + 127) << 23));
-  return y * s1 * s2;
+  const float t = x * 1.44269504088896341f + (12582912.0f + 126.0f);  // s = 2^(n-1): n may be 128
+  FUSION_EXP_POLY(x, t, 126.0f)
+  return x < -87.33654f ? 0.0f : (x > 88.7228391f ? INFINITY : (y * 2.0f) * s);
 }
-static inline float fusion_exp_sel(float x, float e) {
-  return x >= -80.0f ? (x > 88.7228f ? INFINITY : e) : (x != x ? x : 0.0f);
+// exp(x) for x <= 0 or NaN, as softmax's exp(x - max x): no overflow side, s = 2^n directly
+static inline float fusion_expf_np(float x) {
+  const float t = x * 1.44269504088896341f + (12582912.0f + 127.0f);
+  FUSION_EXP_POLY(x, t, 127.0f)
+  return x < -87.33654f ? 0.0f : y * s;
 }
-#define FEXP(x) fusion_exp_sel((x), fusion_expf((x) > xlo ? ((x) < 88.7228f ? (x) : 88.7228f) : xlo))
+#define FEXP(x) fusion_expf(x)
 // copy n floats from an aligned L1 block to dst with non-temporal stores where dst is aligned
 static inline void fusion_stream(float* __restrict dst, const float* __restrict src, int64_t n) {
   int64_t i = 0;
@@ -124,7 +127,17 @@ class _Render:
             if inp.rot:
                 v = f"(j < H ? -p{k}[j + H] : p{k}[j - H])"
             return v if inp.dtype == "f" else f"({v} != 0)"
+        if p.op == "exp" and self._shifted_by_max(p.args[0]):
+            return f"(fusion_expf_np({name(p.args[0])}))"
         return "(" + TEMPLATES[p.op].format(*[name(a) for a in p.args]) + ")"
+
+    def _shifted_by_max(self, i: int) -> bool:
+        """Is prim i `x - amax(x)` (<= 0 or NaN: softmax's shift)?"""
+        P = self.ir.prims
+        if P[i].op != "sub":
+            return False
+        x, m = P[i].args
+        return P[m].op == "amax" and P[m].args[0] == x
 
     # ------------------------------------------------------------------ header / offsets
     def header(self) -> list[str]:
@@ -142,7 +155,6 @@ class _Render:
         L.append("  const int64_t rows = " + (" * ".join(f"D{d}" for d in range(R - 1)) or "1") + ";")
         L.append("  const float Nf = (float)N; (void)Nf;")
         L.append("  const int64_t H = N / 2; (void)H;")
-        L.append("  const float xlo = fusion_exp_lo; (void)xlo;")
         for k in range(len(ir.inputs)):
             for d in range(R - 1):
                 L.append(f"  const int64_t s{k}_{d} = m[{R + k * (R - 1) + d}];")
