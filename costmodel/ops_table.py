@@ -92,7 +92,7 @@ masked_scatter_backward""".split())
 _CONCAT = frozenset("cat stack concat concatenate hstack vstack".split())
 
 _GEMM = frozenset("""mm bmm addmm baddbmm addbmm matmul linear _int_mm _weight_int8pack_mm _scaled_mm
-mv addmv dot vdot _linear_pointwise""".split())
+mv addmv dot vdot _linear_pointwise stacked_linear stacked_linear_impl""".split())
 _CONV = frozenset("convolution conv1d conv2d conv3d _convolution conv_transpose1d conv_transpose2d".split())
 _SDPA = frozenset("""scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
 _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention

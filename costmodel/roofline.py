@@ -443,6 +443,8 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
         a, bias_extra = (ins[1] if len(ins) > 1 else ins[0]), True
     elif name in ("linear", "_linear_pointwise"):     # (x, weight[N, K], bias or None, ...)
         a, bias_extra = ins[0], len(ins) > 2
+    elif name in ("stacked_linear", "stacked_linear_impl"):   # (x, [w1, w2, ...], [b1, b2, ...]): one GEMM
+        a, bias_extra = ins[0], any(len(shape_of(m)) == 1 for m in ins[1:])
     else:
         a, bias_extra = ins[0], False
     sh = shape_of(a)
@@ -455,7 +457,8 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
     c.gemm_dtype = "int8" if name in ("_int_mm", "_weight_int8pack_mm") else _dtype_name(a)
     if name == "_scaled_mm":
         c.gemm_dtype = _dtype_name(a)
-    if name == "_linear_pointwise" and c.gemm_dtype == "float32":
+    if (name == "_linear_pointwise" or name == "stacked_linear_impl" and len(args) > 3 and args[3] is True) \
+            and c.gemm_dtype == "float32":
         c.gemm_dtype = "float32_onednn"     # oneDNN's rate (calibrate: gemm_flops["float32_onednn"])
     osh = shape_of(outs[0]) if outs else ()
     if name in ("bmm", "baddbmm") and len(osh) == 3:

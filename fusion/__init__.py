@@ -6,6 +6,7 @@
     fusion.analyze(model, example_inputs); fusion.compare(model, example_inputs)   # analysis, before/after
 """
 from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion import stacked  # noqa: F401  (registers torch.ops.fusion.stacked_linear)
 from fusion.analysis import Analysis, analyze
 from fusion.api import OptimizedModule, optimize
 from fusion.comparison import Comparison, compare

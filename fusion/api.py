@@ -78,18 +78,44 @@ class OptimizedModule(torch.nn.Module):
             from fusion.approx import bind
 
             weights, flat = bind(self.original, captured, args)
-        graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat)
+        params = frozenset(n.name for n, (kind, _) in zip(_placeholders(captured), captured.input_bindings)
+                           if kind == "param")
+        graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat,
+                              stackable=params)
         structural.store(key, captured, graph, self.config)
         self._add_variant(captured, graph, args, kwargs)
 
     def _add_variant(self, captured: Captured, graph: CompiledGraph, args: Sequence[Any], kwargs: dict) -> None:
         accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
+        self._stack_weights(graph, accessors)
         if not self._variants:
             self._captured, self._accessors = captured, accessors
             self.graphs = [graph]
         if len(self._variants) >= self.MAX_SHAPE_VARIANTS:
             self._variants.pop(next(iter(self._variants)))
         self._variants[_signature(args, kwargs)] = (captured, accessors, graph)
+
+    def _stack_weights(self, graph: CompiledGraph, accessors: list[Any]) -> None:
+        """The weights of each merged product group (`fusion.stacked_linear`, rewrites/shared_matmul.py) become
+        adjacent rows of one block, in place, group by group (fusion.stacked.make_adjacent), so the merged
+        GEMM reads them as one zero-copy view. A group that cannot be moved runs as separate GEMMs (correct)."""
+        from fusion.stacked import groups_of, make_adjacent
+
+        groups = groups_of(graph.gm)
+        if not groups:
+            return
+        phs = [n.name for n in graph.gm.graph.nodes if n.op == "placeholder"]
+        live = {ph: acc for ph, acc in zip(phs, accessors) if acc is not None}
+        outcome = graph.log.rewrite_stats.setdefault("stacked_weights", {})
+        for names in groups:
+            if not all(n in live for n in names):
+                continue
+            try:
+                outcome[",".join(names)] = make_adjacent([live[n]() for n in names])
+            except Exception as e:  # noqa: BLE001 - values are never changed by a move: the separate GEMMs run
+                outcome[",".join(names)] = f"{type(e).__name__}: {e}"
+                warn_fallback("stack weights", f"{type(e).__name__}: {e}"[:300],
+                              what_runs="those products run as separate GEMMs")
 
     def _use_dynamo(self) -> None:
         from fusion.backend import fusion_backend
@@ -232,6 +258,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     opt.capture_seconds = time.perf_counter() - t0
     opt._use_export(captured, example_inputs, {}, key)
     return opt
+
+
+def _placeholders(captured: Captured) -> list[fx.Node]:
+    return [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
 
 
 def _signature(args: Sequence[Any], kwargs: dict) -> tuple:

@@ -57,6 +57,61 @@ def _worth_it(m: Any, k: int, n: Any, hw: Any) -> bool:
     return flops / rates["float32"] > flops / rates[ONEDNN_KEY] + EXTRA_CALL_S
 
 
+def product_seconds(m: int, k: int, n: int, bias: bool, hw: Any) -> tuple[float, str]:
+    """Predicted seconds of one fp32 CPU product [m, k] x [k, n] (+ a bias row) as the program will run it after
+    this pass: (time, "onednn") when `use_onednn_gemms` would move it (oneDNN's rate + EXTRA_CALL_S), else
+    (time, "aten") on ATen's MKL path. The roofline model of costmodel/roofline.py, calls included."""
+    from costmodel.roofline import op_cost
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="meta")
+
+    x, out = meta(m, k), meta(m, n)
+    if prefers_onednn(hw) and k > 0 and _worth_it(m, k, n, hw):
+        ins = [x, meta(n, k)] + ([meta(n)] if bias else [])
+        return op_cost(onednn_linear(), ins, out).time(hw) + EXTRA_CALL_S, "onednn"
+    wt = meta(n, k).t()
+    if bias:
+        return op_cost(aten.addmm.default, [meta(n), x, wt], out).time(hw), "aten"
+    return op_cost(aten.mm.default, [x, wt], out).time(hw), "aten"
+
+
+def lower_stacked_linears(gm: fx.GraphModule, hw: Any) -> tuple[fx.GraphModule, int]:
+    """`fusion.stacked_linear(x, ws, bs)` -> `fusion.stacked.stacked_linear_impl(x, ws, bs, onednn)`: the same
+    function called directly (a custom op's dispatch costs ~7 us a call here), on oneDNN when its merged
+    product is worth it by the profile (as for any other GEMM). (gm, how many)."""
+    from fusion.stacked import stacked_linear_impl
+
+    op = torch.ops.fusion.stacked_linear.default
+    if not any(n.op == "call_function" and n.target is op for n in gm.graph.nodes):
+        return gm, 0
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    count = 0
+    dnn = prefers_onednn(hw)
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not op:
+            continue
+        x, ws, bs = n.args
+        xv, ov = _val(x), _val(n)
+        onednn = bool(dnn and _cpu_fp32_2d(x) and isinstance(ov, torch.Tensor) and isinstance(xv.shape[1], int)
+                      and xv.shape[1] > 0 and _worth_it(xv.shape[0], xv.shape[1], ov.shape[1], hw))
+        with graph.inserting_before(n):
+            new = graph.call_function(stacked_linear_impl, (x, ws, bs, onednn))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        name = n.name
+        graph.erase_node(n)
+        new._rename(name)
+        count += 1
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta.update(gm.meta)
+    return new_gm, count
+
+
 def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 

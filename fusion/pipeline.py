@@ -141,11 +141,14 @@ class CompiledGraph:
 
 
 def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None,
-                  weights: dict | None = None, example_args: list | None = None) -> CompiledGraph:
+                  weights: dict | None = None, example_args: list | None = None,
+                  stackable: frozenset[str] | None = None) -> CompiledGraph:
     """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels.
 
     `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
     needed only by the approximate stage, which measures accuracy and converts weights in place.
+    `stackable`: placeholders (parameters) the caller makes adjacent in place when the program merges their
+    products (fusion.optimize: `fusion.stacked.make_adjacent`); only they can be merged (`shared_matmul`).
     """
     log = CompileLog(label, num_nodes=len(gm.graph.nodes))
     original = gm
@@ -170,6 +173,15 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
             # weights are now int8/bf16 in place: the exact graphs are no longer valid fallbacks
             gm = rewritten = original = approx.gm
             log.approx = approx
+
+    if stackable and hw is not None and "shared_matmul" not in config.disable_rules \
+            and not config.approximate & {"int8", "bf16"}:      # those rewrite the linears themselves
+        merged = log.run("merge", _merge, gm, hw, stackable, config=config, fallback=None)
+        if merged is not None and merged.fired:
+            gm = rewritten = merged.gm
+            log.fired = {**log.fired, **merged.fired}
+        if merged is not None and merged.decisions:
+            log.rewrite_stats = {**log.rewrite_stats, "shared_matmul": merged.decisions}
 
     if config.codegen != "aten":
         lowered = log.run("lower", _lower, gm, config, hw, config=config, fallback=None)
@@ -218,6 +230,13 @@ def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
     return result
 
 
+def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str]) -> Any:
+    """Shared-input matmuls -> one GEMM + split where the cost model predicts it faster (rewrites/shared_matmul.py)."""
+    from rewrites.shared_matmul import merge_shared_matmuls
+
+    return merge_shared_matmuls(gm, hw, stackable)
+
+
 def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list) -> Any:
     from fusion.approx import apply_approximations
 
@@ -226,8 +245,9 @@ def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args
 
 def _gemm(gm: fx.GraphModule, hw: Any, log: CompileLog) -> fx.GraphModule:
     """fp32 CPU matrix products to the faster GEMM library by the profile (fusion/gemm.py)."""
-    from fusion.gemm import use_onednn_gemms
+    from fusion.gemm import lower_stacked_linears, use_onednn_gemms
 
+    gm, _ = lower_stacked_linears(gm, hw)              # merged shared-input products (fusion/stacked.py)
     gm, log.onednn_gemms = use_onednn_gemms(gm, hw)    # a new module when it changes anything
     return gm
 

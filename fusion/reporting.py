@@ -76,6 +76,19 @@ def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: floa
                              f"  ({'+' if delta >= 0 else '-'}{_fmt_time(abs(delta)).strip()})")
             if not site["alternatives"]:
                 lines.append(f"  {'':<12}    {'':<16} (no other form of this value in the e-graph)")
+    merges = (stats or {}).get("shared_matmul") or []
+    if merges:
+        lines += ["", "shared-input matmuls (rewrites/shared_matmul.py: one GEMM + split where predicted faster):"]
+        for d in merges:
+            what = (f"[{d['m']} x {d['k']}] x [{d['k']} x {'+'.join(str(n) for n in d['n'])}]")
+            verdict = "merged" if d["merged"] else "kept  "
+            note = f"  ({d['note']})" if d.get("note") else ""
+            lines.append(f"  {verdict} {', '.join(d['products'])}: {what}: one GEMM ({d['library']}) "
+                         f"{_fmt_time(d['merged_s'])} vs separate {_fmt_time(d['separate_s'])}{note}")
+        moved = (stats or {}).get("stacked_weights") or {}
+        not_moved = {k: v for k, v in moved.items() if v not in ("stacked", "adjacent")}
+        for names, why in not_moved.items():
+            lines.append(f"  weights {names} not made adjacent ({why}): separate GEMMs run there")
     if log.approx is not None:
         lines += ["", "approximate rewrites (opt-in; relu_attention is exact only for models trained with it):",
                   "  " + log.approx.summary().replace("\n", "\n  ")]

@@ -40,6 +40,9 @@ from rewrites.rules import FAMILIES
 from rewrites.saturate import saturate
 from rewrites.sites import site_alternatives
 
+#: rules that are FX passes, not e-graph families (also names for `Config.disable_rules`)
+FX_RULES = ("shared_matmul",)     # rewrites/shared_matmul.py (run by fusion.pipeline after this stage)
+
 #: added to the cost of every e-node that is not in the input, so ties keep the input's form
 TIE_BREAK_S = 1e-12
 
@@ -124,10 +127,10 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
         stats.update(stop_reason="saturated", iterations=0, cost_before=0.0, cost_after=0.0)
         return RewriteResult(gm, {}, stats)
 
-    unknown = set(config.disable_rules) - set(FAMILIES)
+    unknown = set(config.disable_rules) - set(FAMILIES) - set(FX_RULES)
     if unknown:
         raise RewriteError("saturate", f"unknown rule families in disable_rules: {sorted(unknown)}; "
-                                       f"the families are {sorted(FAMILIES)}")
+                                       f"the families are {sorted({*FAMILIES, *FX_RULES})}")
     families = [rs for name, rs in FAMILIES.items() if name not in config.disable_rules]
     progress.stage("rewrite: saturate")
     try:
