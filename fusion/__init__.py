@@ -27,6 +27,7 @@ __all__ = [
     "analyze",
     "compare",
     "explain_last",
+    "last_compiled",
     "fusion_backend",
     "load",
     "LoadedProgram",
@@ -43,3 +44,13 @@ def explain_last(n: int = 1) -> str:
     from fusion.reporting import explain_text
 
     return "\n".join(explain_text("torch.compile", c) for c in RECENT[-n:])
+
+
+def last_compiled(n: int = 1) -> list:
+    """The last `n` graphs compiled in this process (`fusion.pipeline.CompiledGraph`, oldest first): `.code`,
+    `.log` (passes, kernels, fallbacks) and, with approximate rewrites, `.log.approx` (`fusion.approx.ApproxResult`:
+    every site, kept or reverted, and the measured error and cosine). After `torch.compile(backend="fusion")` this
+    is how a program is inspected; `explain_last(n)` prints the same as `OptimizedModule.explain()`."""
+    from fusion.pipeline import RECENT
+
+    return list(RECENT[-n:]) if n > 0 else []

@@ -142,11 +142,12 @@ class CompiledGraph:
 
 def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None,
                   weights: dict | None = None, example_args: list | None = None,
-                  stackable: frozenset[str] | None = None) -> CompiledGraph:
+                  stackable: frozenset[str] | None = None, hold_weights: bool = False) -> CompiledGraph:
     """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels.
 
     `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
-    needed only by the approximate stage, which measures accuracy and converts weights in place.
+    needed only by the approximate stage, which measures accuracy and converts weights in place (or, with
+    `hold_weights` — torch.compile — holds the converted weights and releases the fp32 ones: approx/held.py).
     `stackable`: placeholders (parameters) the caller makes adjacent in place when the program merges their
     products (fusion.optimize: `fusion.stacked.make_adjacent`); only they can be merged (`shared_matmul`).
     """
@@ -168,7 +169,10 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
     rewritten = gm
 
     if config.approximate and weights is not None and example_args is not None:
-        approx = log.run("approximate", _approximate, gm, config, weights, example_args, config=config, fallback=None)
+        approx = log.run("approximate", _approximate, gm, config, weights, example_args, hold_weights,
+                         config=config, fallback=None)
+        if approx is None:
+            _check_exact_fallback(weights)
         if approx is not None:
             # weights are now int8/bf16 in place: the exact graphs are no longer valid fallbacks
             gm = rewritten = original = approx.gm
@@ -237,10 +241,28 @@ def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str]) -> Any:
     return merge_shared_matmuls(gm, hw, stackable)
 
 
-def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list) -> Any:
+def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list, hold_weights: bool) -> Any:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from fusion.approx import apply_approximations
 
-    return apply_approximations(gm, config, weights, example_args)
+    with unset_fake_temporarily():   # inside torch.compile: the guard runs the program on the real inputs
+        return apply_approximations(gm, config, weights, example_args, hold_weights=hold_weights)
+
+
+def _check_exact_fallback(weights: dict) -> None:
+    """The approximate stage failed: the exact graph runs, unless it reads weights an earlier approximate
+    torch.compile released (their fp32 data is gone: running it would read zeros)."""
+    from fusion.approx import held
+
+    gone = sorted(name for name, t in weights.items() if held.is_released(t))
+    if gone:
+        from fusion.approx.held import ReleasedWeightError
+
+        raise ReleasedWeightError(
+            f"fusion: the approximate stage failed on a graph that reads weights an earlier approximate compile "
+            f"released ({', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''}), so the exact graph cannot run "
+            "as a fallback either; see the warning above")
 
 
 def _gemm(gm: fx.GraphModule, hw: Any, log: CompileLog) -> fx.GraphModule:

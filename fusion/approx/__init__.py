@@ -42,6 +42,8 @@ Consequences the caller must respect (documented contract):
   eagerly through torch kernels) instead. Parameters converted to int8 get ``requires_grad=False``.
 - the runtime must pass the same tensor objects as ``weights`` (binding by name, as `OptimizedModule`
   does); the int8 and bf16 linear ops raise a clear error if they are handed a float weight.
+- ``hold_weights=True`` (torch.compile, `held.py`): weights keep their dtype; the program holds the converted
+  ones and the fp32 originals are released (same metadata, memory freed); eager use of their modules raises.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fusion.approx import held
 from fusion.approx import ops as approx_ops
 from fusion.approx.fuse import fuse
+from fusion.approx.held import ReleasedWeightError
 from fusion.approx.rules import RELU_NOTE, Emitter, Site, find_sites  # noqa: F401 (RELU_NOTE re-exported)
 from fusion.config import Config
 
@@ -253,15 +257,23 @@ def convert_weight_(t: torch.Tensor, tag: str, kn: bool = False) -> Optional[tor
     raise ValueError(tag)
 
 
-def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any = None) -> dict[str, str]:
+def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any = None, *,
+           hold: bool = False, held_out: Optional[dict[str, held.Held]] = None) -> dict[str, str]:
     """Fold the weight transforms of a staged approximate graph: convert weights in place, layer by layer.
 
     A transform is folded only if its placeholder feeds nothing but transforms of the same kind and
     arguments (otherwise it stays in the graph and runs per call: correct, slower). Returns
-    {placeholder: new dtype}."""
+    {placeholder: new dtype}.
+
+    hold=True (torch.compile, see `held.py`): the LIVE weight is not changed; its converted form (reused from
+    `held.REGISTRY` when an earlier compile made it) becomes a buffer ``_approx_weight_<placeholder>`` of
+    `gm` read with ``get_attr``, and the placeholder stays with no users. The caller releases the fp32
+    original (`held.release_`) once the program is final; `held_out` receives {placeholder: converted form}.
+    A weight released by an earlier compile is always taken from the registry (its fp32 data is gone)."""
     fake_mode = fake_mode if fake_mode is not None else _fake_mode(gm)
     g = gm.graph
     converted: dict[str, str] = {}
+    held_entries: dict[str, held.Held] = held_out if held_out is not None else {}
     for node in list(g.nodes):
         if node.graph is None or node.op != "call_function":
             continue
@@ -276,8 +288,29 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
                    and u.args[1:] == node.args[1:] and u.kwargs == node.kwargs for u in users):
             continue
         live = weights[w.name]
+        kn = bool(node.args[1]) if tag == "int8" else None
+        source: fx.Node = w            # where the converted weight is read: the placeholder, or a get_attr
+        if hold or held.is_released(live):
+            entry = held.lookup(live)
+            if entry is None or entry.tag != tag or (tag == "int8" and entry.kn != kn):
+                if held.is_released(live):
+                    raise ReleasedWeightError(
+                        f"fusion: weight {w.name} was converted to {entry.tag} by an earlier approximate compile "
+                        f"and its fp32 original released; this graph needs it as {tag}")
+                entry = held.convert(live, tag, kn=bool(kn))
+            attr = f"_approx_weight_{w.name}"
+            gm.register_buffer(attr, entry.weight)
+            with g.inserting_before(users[0]):
+                source = g.get_attr(attr)
+            if fake_mode is not None:
+                source.meta["val"] = fake_mode.from_tensor(entry.weight)
+            scale = entry.scale
+            held_entries[w.name] = entry
+        elif tag == "int8":
+            scale = convert_weight_(live, "int8", kn=bool(kn))
+        else:
+            scale = convert_weight_(live, "bf16")
         if tag == "int8":
-            scale = convert_weight_(live, "int8", kn=bool(node.args[1]))
             attr = f"_approx_scale_{w.name}"
             gm.register_buffer(attr, scale)
             with g.inserting_before(users[0]):
@@ -287,15 +320,14 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
             for u in users:
                 for gi in list(u.users):
                     assert gi.target is operator.getitem
-                    gi.replace_all_uses_with(w if gi.args[1] == 0 else ga)
+                    gi.replace_all_uses_with(source if gi.args[1] == 0 else ga)
                     g.erase_node(gi)
                 g.erase_node(u)
         else:
-            convert_weight_(live, "bf16")
             for u in users:
-                u.replace_all_uses_with(w)
+                u.replace_all_uses_with(source)
                 g.erase_node(u)
-        if fake_mode is not None:
+        if fake_mode is not None and source is w:
             with fake_mode:
                 w.meta["val"] = torch.empty_strided(tuple(live.shape), tuple(live.stride()), dtype=live.dtype)
         converted[w.name] = tag
@@ -309,13 +341,18 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
 
 
 def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, torch.Tensor],
-                         example_args: Sequence[Any], *, metric: Optional[Callable[[Any, Any], tuple[float, float]]] = None
-                         ) -> ApproxResult:
+                         example_args: Sequence[Any], *, metric: Optional[Callable[[Any, Any], tuple[float, float]]] = None,
+                         hold_weights: bool = False) -> ApproxResult:
     """Apply the approximations named in ``config.approximate`` to ``gm``; guard them with
     ``config.tolerance``; convert weights in place. See the module docstring for the contract.
 
     metric: (approx outputs, exact outputs) -> (error, cosine); default `output_errors` (every float output,
     max|a-b|/max|b|). Pass one when only part of the outputs matters (e.g. padding positions do not).
+
+    hold_weights (torch.compile, `held.py`): the program holds the converted weights and the fp32 originals
+    are released (same Parameter objects, same metadata, memory freed) instead of converted in place.
+    Weights released by an earlier compile (a recompile for new shapes) are read converted whatever the
+    guard would say — their fp32 data is gone — and the guard measures the other sites against that program.
 
     Exact mode (``config.approximate`` empty) returns ``gm`` itself, untouched, with no sites."""
     t0 = time.perf_counter()
@@ -324,9 +361,16 @@ def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, 
     if not kinds:
         return ApproxResult(gm, [], 0.0, 0.0, 1.0, tol, 0.0)
     fake_mode = _fake_mode(gm)
-    sites = find_sites(gm, weights, kinds)
+    released = {ph for ph, t in weights.items() if held.is_released(t)}
+    reused: list[ApproxSite] = []
+    if released:   # a recompile: those weights exist only converted
+        gm, reused = _reuse_released(gm, weights, kinds, released, fake_mode)
+    candidates = {ph: t for ph, t in weights.items() if ph not in released and not (hold_weights and held.is_pinned(t))}
+    sites = find_sites(gm, candidates, kinds)
     if not sites:
-        return ApproxResult(gm, [], 0.0, 0.0, 1.0, tol, time.perf_counter() - t0)
+        _pin_fp32_readers(gm, weights, hold_weights)
+        return ApproxResult(gm, reused, 0.0, 0.0, 1.0, tol, time.perf_counter() - t0)
+    weights = candidates
     args = list(example_args)
     compare = metric or output_errors
 
@@ -379,12 +423,17 @@ def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, 
             err, cos = measure(active)
 
         converted: dict[str, str] = {}
+        new_held: dict[str, held.Held] = {}
         if active:
             final = build(gm, active, fake_mode)
-            converted = commit(final, weights, fake_mode)
+            converted = commit(final, weights, fake_mode, hold=hold_weights, held_out=new_held)
             fuse(final, fake_mode)   # shared conversions merged, activation + re-quantization in int8 epilogues
         else:
             final = gm
+        for ph, entry in new_held.items():   # the program is final: free the fp32 originals it no longer reads
+            held.release_(weights[ph], entry)
+        held.guard_modules([weights[ph] for ph in new_held])   # eager use of their modules raises
+        _pin_fp32_readers(final, weights, hold_weights)
 
     out_sites = []
     for s in sites:
@@ -400,7 +449,53 @@ def apply_approximations(gm: fx.GraphModule, config: Config, weights: dict[str, 
                 why = f"; fallback chosen by the accuracy guard for {s.kind}"
             out_sites.append(ApproxSite(c.name, c.kind, list(c.nodes), local.get(c.name), c.name in reverted,
                                         c.note + why, solo.get(c.name), c.weight))
-    return ApproxResult(final, out_sites, all_err, err, cos, tol, time.perf_counter() - t0, converted)
+    return ApproxResult(final, reused + out_sites, all_err, err, cos, tol, time.perf_counter() - t0, converted)
+
+
+def _reuse_released(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: frozenset[str], released: set[str],
+                    fake_mode: Any) -> tuple[fx.GraphModule, list[ApproxSite]]:
+    """`gm` with every linear on a released weight in the form its converted weight allows (the first of the
+    site's fallback chain whose weight transform matches it), committed to read the held weight. Raises
+    `ReleasedWeightError` if a released weight is read some other way (its fp32 data is gone)."""
+    forced: list[Site] = []
+    for s in find_sites(gm, {ph: weights[ph] for ph in released}, kinds & {"int8", "bf16"}):
+        if s.weight not in released:
+            continue
+        entry = held.lookup(weights[s.weight])
+        c: Optional[Site] = s
+        while c is not None and not (_weight_tag(c) == entry.tag and (entry.tag != "int8" or c.kn == entry.kn)):
+            c = c.fallback
+        if c is not None:
+            forced.append(c)
+    base = build(gm, forced, fake_mode) if forced else gm
+    if forced:
+        commit(base, {ph: weights[ph] for ph in released}, fake_mode, hold=True)
+    phs = {n.name: n for n in base.graph.nodes if n.op == "placeholder"}
+    still = sorted(ph for ph in released if ph in phs and phs[ph].users)
+    if still:
+        raise ReleasedWeightError(
+            f"fusion: this graph reads weight(s) {still} as fp32, but an earlier approximate compile converted them "
+            f"({', '.join(sorted({held.lookup(weights[p]).tag for p in still}))}) and released the fp32 originals; "
+            "compile with the same Config.approximate as before, or load the fp32 weights into a fresh model")
+    note = ("weight converted by an earlier compile of this module (its fp32 original is released), reused; "
+            "the guard measures the other sites against this program")
+    return base, [ApproxSite(c.name, c.kind, list(c.nodes), None, False, f"{c.note}; {note}", None, c.weight)
+                  for c in forced]
+
+
+def _weight_tag(s: Site) -> Optional[str]:
+    if s.weight is None:
+        return None
+    return "bf16" if s.kind == "bf16" else "int8"
+
+
+def _pin_fp32_readers(gm: fx.GraphModule, weights: dict[str, torch.Tensor], hold_weights: bool) -> None:
+    """torch.compile: the weights the program still reads as fp32 must never be released by a later compile."""
+    if not hold_weights:
+        return
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.users and n.name in weights and not held.is_released(weights[n.name]):
+            held.pin(weights[n.name])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def _cse_key(n: fx.Node) -> Any:
         return (n.target, _rows_root(n.args[0]))
     if n.target is aten._to_copy.default and len(n.args) == 1 and set(n.kwargs) == {"dtype"}:
         return (n.target, n.args[0], n.kwargs["dtype"])
+    if n.target is aten.sym_size.int:   # (dynamic shapes: the sizes views read, so that those views merge)
+        return (n.target, n.args[0], n.args[1])
     if n.target in _VIEWS and len(n.args) == 2 and not n.kwargs:   # identical views (so their casts merge too)
         return (n.target, n.args[0], tuple(n.args[1]))
     return None

@@ -65,6 +65,15 @@ def val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else n
 
 
+def hint(x: Any) -> int:
+    """A concrete value for a size that may be symbolic (torch.compile's dynamic shapes), without a guard."""
+    if isinstance(x, int):
+        return x
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return int(optimization_hint(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # emitting nodes with meta["val"]
 
@@ -104,6 +113,7 @@ class Site:
     note: str = ""
     flops: int = 0
     fallback: Optional["Site"] = None   # a more accurate variant the guard tries before reverting
+    kn: Optional[bool] = None           # the weight's layout ([K,N] True, [N,K] False) when it has one
 
 
 def _weight_operand(b: fx.Node, weights: dict[str, torch.Tensor]) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
@@ -173,16 +183,16 @@ def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: fr
             continue
         wop = _weight_operand(b, weights)
         out_v = val(node)
-        rows = out_v.numel() // out_v.shape[-1]
-        k = val(a).shape[-1]
-        flops = 2 * rows * k * out_v.shape[-1]
+        rows = hint(out_v.numel()) // hint(out_v.shape[-1])
+        k = hint(val(a).shape[-1])
+        flops = 2 * rows * k * hint(out_v.shape[-1])
         if "int8" in kinds and wop is not None:
             w, kn, path = wop
             bias_ok = bias is None or (val(bias).dim() == 1 and val(bias).shape[0] == out_v.shape[-1])
             times = None
             ladder = INT8_LADDER
             if ladder is None:
-                ladder, times = int8_ladder(rows, k, out_v.shape[-1])
+                ladder, times = int8_ladder(rows, k, hint(out_v.shape[-1]))
             if "bf16" in kinds:   # bf16 is the fallback: faster than weight-only int8 and about as accurate
                 ladder = tuple(i for i in ladder if i != "int8_weight_only") or ladder
             chain = [_int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times) for impl in ladder]
@@ -191,9 +201,15 @@ def linear_sites(gm: fx.GraphModule, weights: dict[str, torch.Tensor], kinds: fr
             for s, nxt in zip(chain, chain[1:]):
                 s.fallback = nxt
             sites.append(chain[0])
-        elif "bf16" in kinds and (wop is not None or min(k, out_v.shape[-1]) >= BF16_MIN_ACT_DIM):
+        elif "bf16" in kinds and (wop is not None or min(k, hint(out_v.shape[-1])) >= BF16_MIN_ACT_DIM):
             sites.append(_bf16_site(node, bias, a, b, wop, flops))
     return sites
+
+
+def _shape_args(e: Emitter, out_shape: list, x: fx.Node) -> list:
+    """`out_shape` (a linear's output [..., N]) as view arguments: a symbolic leading dim (torch.compile's
+    dynamic shapes) is read at run time from the input `x` [..., K], whose leading dims are the output's."""
+    return [d if isinstance(d, int) else e(aten.sym_size.int, x, i) for i, d in enumerate(out_shape)]
 
 
 def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times=None) -> Site:
@@ -213,7 +229,7 @@ def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times=None) -> 
             y = e(fusion_ops.int8_matmul.default, e(operator.getitem, xq, 0), e(operator.getitem, xq, 1), wq, ws,
                   b if bias_ok else None, kn, "none")
             if len(out_shape) != 2:
-                y = e(aten.view.default, y, out_shape)
+                y = e(aten.view.default, y, _shape_args(e, out_shape, x))
         else:
             y = e(fusion_ops.int8_weight_only_linear.default, x, wq, ws, b if bias_ok else None, kn)
         if b is not None and not bias_ok:
@@ -227,7 +243,7 @@ def _int8_site(node, a, w, kn, bias, bias_ok, impl, path, flops, times=None) -> 
     return Site(f"{impl}:{node.name}", kind, node.name, inputs, emit,
                 nodes=[node.name] + [p.name for p in path], weight=w.name,
                 note=f"{what}; weight {w.name} {'[K,N]' if kn else '[N,K]'} converted in place to int8{_timed(times)}",
-                flops=flops)
+                flops=flops, kn=kn)
 
 
 def _timed(times: Optional[dict[str, float]]) -> str:
@@ -251,7 +267,7 @@ def _bf16_site(node, bias, a, b, wop, flops) -> Site:
             cast = e(aten._to_copy.default, next(it), dtype=bf)
             cast.meta["approx_weight_transform"] = "bf16"
             y = e(fusion_ops.bf16_linear.default, aa, cast, bias_in, wop[1], "none", False)
-            return e(aten.view.default, y, out_shape) if len(out_shape) != 2 else y
+            return e(aten.view.default, y, _shape_args(e, out_shape, aa)) if len(out_shape) != 2 else y
         bb = e(aten._to_copy.default, next(it), dtype=bf)
         y = e(target, e(aten._to_copy.default, bias_in, dtype=bf), aa, bb) if bias_in is not None else e(target, aa, bb)
         return e(aten._to_copy.default, y, dtype=torch.float32)
@@ -261,7 +277,8 @@ def _bf16_site(node, bias, a, b, wop, flops) -> Site:
         note = (f"bf16 linear (oneDNN AVX512-BF16, fp32 accumulation; bias and activation in fp32 in one epilogue "
                 f"pass); weight {wop[0].name} converted in place to bf16")
     return Site(f"bf16:{node.name}", "bf16", node.name, inputs, emit,
-                nodes=[node.name] + [p.name for p in path], weight=wop[0].name if wop else None, note=note, flops=flops)
+                nodes=[node.name] + [p.name for p in path], weight=wop[0].name if wop else None, note=note, flops=flops,
+                kn=wop[1] if wop else None)
 
 
 def _scores_from_matmul(x: fx.Node, depth: int = 8) -> bool:
@@ -294,11 +311,17 @@ def relu_attention_sites(gm: fx.GraphModule) -> list[Site]:
         xv = val(x)
         if xv is None or half_to_float or dim not in (-1, xv.dim() - 1) or not _scores_from_matmul(x):
             continue
-        length = int(xv.shape[-1])
+        length = hint(xv.shape[-1])
+        static = isinstance(xv.shape[-1], int)   # else (dynamic shapes) L is read at run time
 
-        def emit(e: Emitter, ins: list[fx.Node], length: int = length) -> fx.Node:
+        def emit(e: Emitter, ins: list[fx.Node], length: int = length, static: bool = static,
+                 last: int = xv.dim() - 1) -> fx.Node:
             r = e(aten.relu.default, ins[0])
-            return e(aten.div.Scalar, r, float(length))
+            if static:
+                return e(aten.div.Scalar, r, float(length))
+            # L as a 0-d tensor (generated kernels load tensors, not symbolic scalars)
+            n = e(aten.scalar_tensor.default, e(aten.sym_size.int, ins[0], last), dtype=torch.float32)
+            return e(aten.div.Tensor, r, n)
 
         sites.append(Site(f"relu_attention:{node.name}", "relu_attention", node.name, [x.name], emit,
                           nodes=[node.name], note=f"{RELU_NOTE}; L={length}"))
@@ -316,7 +339,7 @@ def _fused_attention_sites(gm: fx.GraphModule) -> list[Site]:
         if node.op != "call_function" or node.target is not fused.default:
             continue
         q, k, v, mask, scale, causal = node.args
-        length = int(val(k).shape[-2])
+        length = hint(val(k).shape[-2])   # (for the note: the op reads L from k at run time)
         tensors = [a for a in (q, k, v, mask) if isinstance(a, fx.Node)]
 
         def emit(e: Emitter, ins: list[fx.Node], mask_given: bool = isinstance(mask, fx.Node),
