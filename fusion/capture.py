@@ -158,12 +158,62 @@ def _sdpa_to_attention(node: fx.Node) -> None:
     node.kwargs = {}
 
 
+_BN_EVAL = {aten._native_batch_norm_legit_no_training.default: (5, 6), aten.native_batch_norm.default: (6, 7)}
+
+
+def _batch_norm_eval(g: fx.Graph, node: fx.Node) -> bool:
+    """Inference batch norm (running statistics) -> pointwise ATen ops over the channel dim:
+    `(x - mean) * rsqrt(var + eps) * w + b`, each statistic viewed as [C, 1, ...]. The scheduler then fuses
+    it with what surrounds it (ReLU, a residual add) and computes rsqrt(var + eps) once per channel.
+    Only when the batch statistics outputs are unused and every tensor has x's dtype."""
+    if node.target is aten.native_batch_norm.default and node.args[5] is not False:
+        return False  # training: batch statistics
+    if not _only_first_output_used(node):
+        return False
+    x, w, b, mean, var = node.args[:5]
+    eps = node.args[_BN_EVAL[node.target][1]]
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if xv is None or not xv.dtype.is_floating_point or xv.dim() < 2 or not isinstance(eps, float | int):
+        return False
+    for t in (w, b, mean, var):
+        if t is not None and (not isinstance(t, fx.Node) or t.meta.get("val") is None
+                              or t.meta["val"].dtype != xv.dtype or t.meta["val"].dim() != 1):
+            return False
+    if mean is None or var is None:
+        return False
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode([xv])
+    shape = [xv.shape[1]] + [1] * (xv.dim() - 2)
+
+    def op(target: Any, *args: Any) -> fx.Node:
+        n = g.create_node("call_function", target, args)
+        vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+        with fake_mode:
+            n.meta["val"] = target(*vals)
+        return n
+
+    with g.inserting_before(node):
+        inv = op(aten.rsqrt.default, op(aten.add.Tensor, op(aten.view.default, var, shape), float(eps)))
+        y = op(aten.mul.Tensor, op(aten.sub.Tensor, x, op(aten.view.default, mean, shape)), inv)
+        if w is not None:
+            y = op(aten.mul.Tensor, y, op(aten.view.default, w, shape))
+        if b is not None:
+            y = op(aten.add.Tensor, y, op(aten.view.default, b, shape))
+    for user in list(node.users):
+        user.replace_all_uses_with(y)
+        g.erase_node(user)
+    g.erase_node(node)
+    return True
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Bring an ATen graph into the fusion dialect, in place:
 
     - `native_layer_norm(x, [N], w, b, eps)[0]` over the last dim, with mean/rstd unused → `fusion.layer_norm`
       (in training graphs mean/rstd feed the backward, so the ATen op stays);
     - `aten.scaled_dot_product_attention` (kept by capture, no dropout) → `fusion.attention`;
+    - inference batch norm (running statistics) → pointwise ATen ops over the channel dim, so that it fuses;
     - `aten.alias` and no-op `aten.clone` of a contiguous intermediate → the value itself (functional graph:
       nothing can observe the copy); `aten._unsafe_view` → `aten.view`; `transpose`/`t` → `permute` (as export emits);
     - dead code is removed.
@@ -203,6 +253,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             g.erase_node(node)
         elif node.target is aten.scaled_dot_product_attention.default:
             _sdpa_to_attention(node)
+        elif node.target in _BN_EVAL:
+            _batch_norm_eval(g, node)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()

@@ -82,7 +82,52 @@ def original_choice(ex: EGraphExport, orig: dict) -> dict[int, int]:
     for n in ex.nodes:
         if n.op in ("var", "scalar", "none"):
             choice.setdefault(n.cls, n.id)
+    # a chain of no-ops merged with a leaf (permute(permute(x)) = x, x*1 = x) is a cycle: the leaf stands
+    for c in _cyclic_classes(ex, choice):
+        leaf = next((m for m in ex.classes[c] if ex.nodes[m].op in ("var", "scalar", "none")), None)
+        if leaf is not None:
+            choice[c] = leaf
     return choice
+
+
+def _cyclic_classes(ex: EGraphExport, choice: dict[int, int]) -> set[int]:
+    """Classes on a cycle of `choice` (iterative DFS; a back edge closes the cycle on the path)."""
+    state: dict[int, int] = {}          # 1: on the path, 2: done
+    on_cycle: set[int] = set()
+    for start in choice:
+        if start in state:
+            continue
+        path: list[int] = []
+        stack: list[tuple[int, bool]] = [(start, False)]
+        while stack:
+            c, leaving = stack.pop()
+            if leaving:
+                state[c] = 2
+                path.pop()
+                continue
+            if state.get(c) == 2:
+                continue
+            state[c] = 1
+            path.append(c)
+            stack.append((c, True))
+            for ch in ex.nodes[choice[c]].children if c in choice else ():
+                if state.get(ch) == 1:
+                    on_cycle.update(path[path.index(ch):])
+                elif ch not in state:
+                    stack.append((ch, False))
+    return on_cycle
+
+
+def _dropped_noops(ex: EGraphExport, orig: dict, as_written: dict[int, int]) -> list[int]:
+    """Input e-nodes the as-written choice leaves out because a rule proved them no-ops (merged into
+    their own input's class, or into a leaf's): the input program still runs them."""
+    out = []
+    for j in orig.values():
+        n = ex.nodes[j]
+        chosen = as_written.get(n.cls)
+        if chosen != j and (n.cls in n.children or ex.nodes[chosen].op in ("var", "scalar", "none")):
+            out.append(j)
+    return out
 
 
 def fusion_costs(ex: EGraphExport, hw: HardwareProfile | None, gpu: bool = False) -> FusionCosts:
@@ -158,8 +203,8 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
         if fc is not None:
             fc.inside = tie_break(fc.inside)
             priced = fused_cost(ex, as_written, roots, costs, fc)
-            if priced < float("inf"):        # else the input is not a choice of this e-graph (x*1 merged with x)
-                before = priced
+            if priced < float("inf"):        # else the input is not a choice of this e-graph
+                before = priced + sum(costs[j] for j in _dropped_noops(ex, orig, as_written))
         result = extract(ex, roots, lambda n: costs[n.id], config.extract_time_limit_s, fusion=fc)
     except RewriteError:
         raise

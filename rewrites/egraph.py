@@ -185,6 +185,10 @@ def shape(x: Tensor) -> Vec[i64]: ...
 def dtype(x: Tensor) -> String: ...
 
 
+@function(egg_fn="contig")
+def contig(x: Tensor) -> Bool: ...        # only ever set true: x's physical forms are row-major contiguous
+
+
 @function(egg_fn="fill_kind")
 def fill_kind(x: Tensor) -> String: ...   # "neg_big": a constant 0-d leaf <= finfo(dtype).min (incl. -inf): a mask fill
 
@@ -226,7 +230,8 @@ def language(n: String) -> Iterable[RewriteOrRule]:
     low-level e-graph knows all names before a program text is loaded (see rewrites.insert)."""
     yield rule(Tensor.var(n), Tensor.none(), eq(shape(Tensor.var(n))).to(shape(Tensor.none())),
                eq(dtype(Tensor.var(n))).to(dtype(Tensor.none())),
-               eq(fill_kind(Tensor.var(n))).to(fill_kind(Tensor.none()))).then(Tensor.none())
+               eq(fill_kind(Tensor.var(n))).to(fill_kind(Tensor.none())),
+               eq(contig(Tensor.var(n))).to(contig(Tensor.none()))).then(Tensor.none())
     x = Tensor.var(n)
     for t in (x + x, x - x, x * x, x / x, x ** f64(2.0), unary(n, x), reduce(n, x, 0, TRUE), variance(x, 0, 0.0, TRUE),
               mm(x, x), bmm(x, x), addmm(x, x, x), softmax(x, 0), log_softmax(x, 0), layer_norm(x, x, x, 0.0),

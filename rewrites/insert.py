@@ -222,6 +222,7 @@ _OPS: dict[Any, Callable[[Node], Signature | None]] = {
     aten._unsafe_view.default: _reshape,
     aten.reshape.default: _reshape,
     aten.expand.default: _expand,
+    **{o: _reshape for o in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)},   # a view that drops 1s
     aten.permute.default: _permute,
     aten.unsqueeze.default: _unsqueeze,
     aten.clone.default: lambda n: Signature("clone", (n.args[0],)),
@@ -355,4 +356,12 @@ def _facts(term: str, n: Node, symbols: dict[str, int]) -> list[str]:
         return []
     dims = " ".join(str(size_id(s, symbols)) for s in v.shape)
     vec = f"(vec-of {dims})" if dims else "(vec-empty)"
-    return [f"(set (shape {term}) {vec})", f'(set (dtype {term}) "{str(v.dtype).removeprefix("torch.")}")']
+    facts = [f"(set (shape {term}) {vec})", f'(set (dtype {term}) "{str(v.dtype).removeprefix("torch.")}")']
+    if _contiguous(v):
+        facts.append(f"(set (contig {term}) true)")
+    return facts
+
+
+def _contiguous(v: torch.Tensor) -> bool:
+    """Row-major contiguous, decided without guarding on symbolic sizes (unknown: False)."""
+    return all(isinstance(s, int) for s in v.shape) and all(isinstance(s, int) for s in v.stride()) and v.is_contiguous()

@@ -149,3 +149,48 @@ def test_glu_kernels_are_no_worse(act, tmp_path):
     with torch.no_grad():
         ref = m(x)
         assert rel_err(lows[0].gm(*args)[0], ref) <= 1e-5
+
+
+# ---- layout: compositions of views, identity views, no-op copies -----------------------------------
+
+
+def ops_of(gm: torch.fx.GraphModule, *targets) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+PERMUTE, VIEW, CLONE, EXPAND = aten.permute.default, aten.view.default, aten.clone.default, aten.expand.default
+
+
+@pytest.mark.parametrize("name,fn,left", [
+    # two permutes -> one (rank 3; rank 4 with a size-1 dim), and back to x
+    ("permute_permute", lambda m, x: torch.exp(x.permute(2, 0, 1).permute(0, 2, 1)), {PERMUTE: 1}),
+    ("permute_back", lambda m, x: torch.exp(x.permute(2, 0, 1).permute(1, 2, 0)), {PERMUTE: 0}),
+    ("view_view", lambda m, x: torch.exp(x.view(-1, x.shape[-1]).view(-1)), {VIEW: 1}),
+    ("unsqueeze_view_back", lambda m, x: torch.exp(x.unsqueeze(1).view(x.shape)), {VIEW: 0, aten.unsqueeze.default: 0}),
+    ("unsqueeze_squeeze", lambda m, x: torch.exp(x.unsqueeze(1).squeeze(1)), {aten.squeeze.dims: 0, aten.unsqueeze.default: 0}),
+    ("expand_expand", lambda m, x: torch.exp(x[:1].expand(3, -1, -1).expand(2, -1, -1, -1)), {EXPAND: 1}),
+    ("clone_of_contiguous", lambda m, x: torch.exp(torch.exp(x).clone()), {CLONE: 0}),
+])
+def test_layout_simplification(name, fn, left):
+    for shape in ([(2, 3, 5), (1, 3, 1)] if name == "permute_permute" else [(2, 3, 5)]):
+        x = torch.randn(shape)
+        gm, args = capture(Fn(fn), x)
+        r = rewrite(gm, Config())
+        for target, n in left.items():
+            assert ops_of(r.gm, target) == n, (target, gm.code, r.gm.code)
+            assert ops_of(gm, target) > n                     # the source had more of them
+        with torch.no_grad():
+            assert torch.equal(r.gm(*args)[0], Fn(fn)(x))
+
+
+def test_layout_rules_keep_real_copies_and_real_permutes():
+    """clone of a transposed tensor is a real copy (a later view needs it); a permute that is not the
+    identity stays; a view to another shape stays."""
+    f = lambda m, x: torch.exp(x.transpose(0, 1).contiguous().view(-1)) + x.permute(1, 0, 2).sum()   # noqa: E731
+    x = torch.randn(2, 3, 4)
+    gm, args = capture(Fn(f), x)
+    r = rewrite(gm, Config(disable_rules=frozenset()))
+    assert ops_of(r.gm, CLONE) == 1 and ops_of(r.gm, PERMUTE) == ops_of(gm, PERMUTE)
+    with torch.no_grad():
+        assert torch.equal(r.gm(*args)[0], Fn(f)(x))
+

@@ -12,12 +12,14 @@ from rewrites.rules.analysis import analysis
 from rewrites.rules.attention import attention_family
 from rewrites.rules.glu import glu_rules
 from rewrites.rules.layer_norm import layer_norm_rules
+from rewrites.rules.layout import layout_rules
 from rewrites.rules.linear import linear_rules
 from rewrites.rules.rms_norm import rms_norm_rules
 from rewrites.rules.softmax import softmax_rules
 
 FAMILIES: dict[str, Ruleset] = {
     "algebra": algebra,
+    "layout": layout_rules,
     "softmax": softmax_rules,
     "layer_norm": layer_norm_rules,
     "rms_norm": rms_norm_rules,

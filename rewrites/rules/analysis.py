@@ -78,6 +78,9 @@ def shape_rules(
         yield rule(f, eq(shape(x)).to(s)).then(set_(shape(f)).to(s))                               # fused ops keep x's shape
     for f in (view(x, s), expand(x, s), reshape_(x, s)):
         yield rule(f).then(set_(shape(f)).to(s))                                                   # views carry their shape
+    for r in range(1, 7):   # permute(x, p) : [s[p[0]], ..., s[p[r-1]]]
+        yield rule(permute(x, t), eq(shape(x)).to(s), eq(s.length()).to(i64(r)), eq(t.length()).to(i64(r))).then(
+            set_(shape(permute(x, t))).to(Vec[i64](*(s[t[i64(i)]] for i in range(r)))))
     for r in (3, 4):  # logical ops of attention, rank 3 and 4 only (no rule builds others)
         last, prev = i64(r - 1), i64(r - 2)
         rank_r = (eq(shape(x)).to(s), eq(s.length()).to(i64(r)))
