@@ -2,7 +2,7 @@
 
 Every constructor has an explicit egglog name (`egg_fn`) so the exported e-graph speaks the same
 names as this file: `var`, `scalar`, `none`, `add`, `sub`, `mul`, `div`, `unary`, `reduce`,
-`pow_`, `var_`, `mm`, `bmm`, `addmm`, and the fused ops `softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
+`pow_`, `var_`, `mm`, `bmm`, `addmm`, `cast`, and the fused ops `softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
 `gelu`, `silu`, `glu`, `attention`; `where`; layout ops `view`, `expand`, `permute`, `unsqueeze`, `clone`;
 logical ops (never extracted) `reshape_`, `transpose_`, `matmul`, `repeat_kv`.
 
@@ -116,6 +116,10 @@ def permute(x: Tensor, dims: Vec[i64]) -> Tensor: ...            # aten.permute 
 
 @function(egg_fn="unsqueeze")
 def unsqueeze(x: Tensor, dim: i64Like) -> Tensor: ...
+
+
+@function(egg_fn="cast")
+def cast(x: Tensor, dtype: StringLike) -> Tensor: ...             # x converted to a float dtype ("bfloat16", ...), round to nearest
 
 
 @function(egg_fn="clone")
@@ -238,7 +242,7 @@ def language(n: String) -> Iterable[RewriteOrRule]:
               rms_norm(x, x, 0.0), gelu(x, n), silu(x), Tensor.scalar(0.0), view(x, Vec[i64](1)),
               expand(x, Vec[i64](1)), permute(x, Vec[i64](0)), unsqueeze(x, 0), clone(x), reshape_(x, Vec[i64](1)),
               transpose_(x), matmul(x, x), repeat_kv(x, 1), attention(x, x, x, x, 1.0, TRUE), where(x, x, x),
-              glu(x, x, n)):
+              glu(x, x, n), cast(x, n)):
         yield rule(t).then(t)
 
 

@@ -1,7 +1,7 @@
 """FX (ATen or fusion dialect) -> e-graph terms.
 
 Which FX nodes are modelled: float-dtype `call_function`s from `_OPS` below whose tensor
-inputs all have the output's dtype. Everything else -- placeholders, views, casts, integer
+inputs all have the output's dtype, and casts between float dtypes (`cast(x, "bfloat16")`). Everything else -- placeholders, views, casts, integer
 arithmetic, multi-dim reductions -- is a leaf `Tensor.var(node.name)`; its data never enters.
 
 Each modelled node is bound with `egraph.let(node.name, term)` so its e-class can be found again
@@ -192,6 +192,19 @@ def _addmm(n: Node) -> Signature | None:
     return Signature("addmm", tuple(n.args[:3]))
 
 
+def _cast(n: Node) -> Signature | None:
+    """`_to_copy(x, dtype=D)` / `convert_element_type(x, D)` between float dtypes (no device/layout/format change)."""
+    if n.target is aten._to_copy.default:
+        if set(n.kwargs) - {"dtype"} or len(n.args) != 1:
+            return None
+        dt = n.kwargs.get("dtype")
+    else:
+        dt = n.args[1] if len(n.args) > 1 else None
+    if dt not in FLOATS or not _is_float_tensor(n.args[0]):
+        return None
+    return Signature("cast", (n.args[0], str(dt).removeprefix("torch.")))
+
+
 def _out_shape(n: Node) -> Shape | None:
     shape = tuple(_val(n).shape)
     return Shape(shape) if all(isinstance(d, int) for d in shape) else None
@@ -226,6 +239,8 @@ _OPS: dict[Any, Callable[[Node], Signature | None]] = {
     aten.permute.default: _permute,
     aten.unsqueeze.default: _unsqueeze,
     aten.clone.default: lambda n: Signature("clone", (n.args[0],)),
+    aten._to_copy.default: _cast,
+    torch.ops.prims.convert_element_type.default: _cast,
     aten.where.self: lambda n: Signature("where", tuple(n.args)) if _is_bool_tensor(n.args[0]) else None,
     **{getattr(aten, f"{o}").Tensor: _binary(o) for o in ("add", "sub", "mul", "div")},
     **{getattr(aten, f"{o}").Scalar: _binary(o) for o in ("add", "sub", "mul", "div")},
@@ -264,6 +279,8 @@ def signature(n: Node) -> Signature | None:
     if sig is None:
         return None
     out_dtype = _val(n).dtype
+    if sig.op == "cast":                                         # the one op whose input has another dtype
+        return sig
     for a in sig.args[1:] if sig.op == "where" else sig.args:   # where's condition is a bool leaf
         if isinstance(a, Node) and not (_is_float_tensor(a) and _val(a).dtype == out_dtype):
             return None

@@ -86,6 +86,8 @@ def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
         return torch.ops.fusion.rms_norm.default, (a[0], a[1], lit[0]), {}
     if op in _LAYOUT:
         return _LAYOUT[op], (a[0], list(lit[0]) if isinstance(lit[0], tuple) else lit[0]), {}
+    if op == "cast":
+        return aten._to_copy.default, (a[0],), {"dtype": getattr(torch, lit[0])}
     if op == "clone":   # the e-graph's clone is a layout op: it makes its input contiguous (what export's
         # clone before a view is for); aten's default (preserve_format) would keep a permuted input's strides
         return aten.clone.default, (a[0],), {"memory_format": torch.contiguous_format}

@@ -194,3 +194,72 @@ def test_layout_rules_keep_real_copies_and_real_permutes():
     with torch.no_grad():
         assert torch.equal(r.gm(*args)[0], Fn(f)(x))
 
+
+# ---- scalar algebra: negation, powers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,fn,expect", [
+    ("times_minus_one_is_neg", lambda m, x: x / (1 + torch.exp(x * -1.0)), {"silu": 1}),        # x*-1 -> -x
+    ("pow_half_is_sqrt", lambda m, x: x / (x.pow(2).mean(-1, keepdim=True) + 1e-6) ** 0.5, {"rms_norm": 1}),
+    ("pow_minus_half_is_rsqrt", lambda m, x: x * (x.pow(2).mean(-1, keepdim=True) + 1e-6) ** -0.5, {"rms_norm": 1}),
+    ("plus_neg_is_minus", lambda m, x: (x + (-x.mean(-1, keepdim=True)))
+        * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5), {"layer_norm": 1}),
+    ("pow_quarter_is_not_sqrt", lambda m, x: x / (x.pow(2).mean(-1, keepdim=True) + 1e-6) ** 0.25, {"rms_norm": 0}),
+])
+def test_scalar_algebra_enables_fusions(name, fn, expect):
+    check(Fn(fn), [(3, 8), (2, 1, 8)] if name == "pow_half_is_sqrt" else ONE, expect, tol=TOL)
+
+
+@pytest.mark.parametrize("name,fn,gone", [
+    ("neg_neg", lambda m, x: torch.exp(-(-x)), aten.neg.default),
+    ("minus_neg", lambda m, x: torch.exp(x - (-torch.sin(x))), aten.neg.default),
+    ("pow_one", lambda m, x: torch.exp(x ** 1.0), aten.pow.Tensor_Scalar),
+])
+def test_scalar_algebra_drops_ops(name, fn, gone):
+    x = torch.randn(3, 8)
+    gm, args = capture(Fn(fn), x)
+    r = rewrite(gm, Config(codegen="aten"))
+    assert ops_of(gm, gone) >= 1 and ops_of(r.gm, gone) == 0, r.gm.code
+    with torch.no_grad():
+        assert rel_err(r.gm(*args)[0], Fn(fn)(x)) <= 1e-6
+
+
+# ---- casts -------------------------------------------------------------------------------------------
+
+
+CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+@pytest.mark.parametrize("src,mid,dst,left", [
+    (torch.bfloat16, torch.float32, torch.bfloat16, 0),     # bf16 -> f32 -> bf16 = identity
+    (torch.float16, torch.float32, torch.bfloat16, 1),      # f16 -> f32 -> bf16 = f16 -> bf16
+    (torch.float32, torch.bfloat16, torch.float32, 2),      # f32 -> bf16 -> f32 rounds: both casts stay
+    (torch.float32, torch.float16, torch.bfloat16, 2),      # f32 -> f16 rounds (and overflows): both stay
+])
+def test_cast_chains(src, mid, dst, left):
+    f = lambda m, x: torch.exp(x.to(mid).to(dst)) * 2.0     # noqa: E731
+    torch.manual_seed(0)
+    for shape in ((3, 8), (2, 1, 5)):
+        x = (torch.randn(shape) * 300).to(src)              # f16 values beyond bf16's precision, f32 beyond f16's range
+        gm, args = capture(Fn(f), x)
+        r = rewrite(gm, Config(codegen="aten"))
+        assert ops_of(gm, *CASTS) == 2 and ops_of(r.gm, *CASTS) == left, r.gm.code
+        with torch.no_grad():
+            out, ref = r.gm(*args)[0], Fn(f)(x)
+        assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,act,op", [("silu", SILU, "silu"), ("gelu", GELU, "gelu"), ("swiglu", SILU, "swiglu")])
+def test_half_activations_computed_in_float32_are_the_half_op(dtype, name, act, op):
+    """Export writes F.silu / F.gelu on half types as cast -> float32 math -> cast (how ATen computes them):
+    that is the half-precision op, so it fuses (and the GLU around it), bit for bit as eager."""
+    torch.manual_seed(0)
+    m = (Glu(act) if name == "swiglu" else Fn(lambda m, x: act(x))).to(dtype)
+    x = torch.randn(4, 8, dtype=dtype)
+    gm, args = capture(m, x)
+    r = rewrite(gm, Config(codegen="aten"))
+    assert counts(r.gm)[op] == 1 and ops_of(r.gm, *CASTS) == 0, r.gm.code
+    with torch.no_grad():
+        out, ref = r.gm(*args)[0], m(x)
+    assert out.dtype == dtype and torch.equal(out, ref)

@@ -10,6 +10,7 @@ from rewrites.rules.activations import gelu_rules, silu_rules
 from rewrites.rules.algebra import algebra
 from rewrites.rules.analysis import analysis
 from rewrites.rules.attention import attention_family
+from rewrites.rules.casts import cast_rules
 from rewrites.rules.glu import glu_rules
 from rewrites.rules.layer_norm import layer_norm_rules
 from rewrites.rules.layout import layout_rules
@@ -20,6 +21,7 @@ from rewrites.rules.softmax import softmax_rules
 FAMILIES: dict[str, Ruleset] = {
     "algebra": algebra,
     "layout": layout_rules,
+    "casts": cast_rules,
     "softmax": softmax_rules,
     "layer_norm": layer_norm_rules,
     "rms_norm": rms_norm_rules,

@@ -53,6 +53,13 @@ def scalar_algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterab
     yield rewrite(x * x).to(x ** f64(2.0))                         # x*x -> x^2
     yield rewrite((x ** k) * x).to(x ** (k + f64(1.0)))            # x^k*x -> x^(k+1)
     yield rewrite(x * (x ** k)).to(x ** (k + f64(1.0)))            # x*x^k -> x^(k+1)
+    yield rewrite(x ** f64(1.0)).to(x)                              # x^1 -> x
+    yield rewrite(x ** f64(0.5)).to(sqrt(x))                        # x^0.5 -> sqrt(x)   (ATen's pow calls sqrt)
+    yield rewrite(x ** f64(-0.5)).to(rsqrt(x))                      # x^-0.5 -> rsqrt(x)  (ATen's pow calls rsqrt)
+    yield rewrite(neg(neg(x))).to(x)                                # -(-x) -> x
+    yield rewrite(x + neg(y)).to(x - y, *tensor(x))                 # x+(-y) -> x-y
+    yield rewrite(neg(y) + x).to(x - y, *tensor(x))                 # (-y)+x -> x-y
+    yield rewrite(x - neg(y)).to(x + y, *tensor(x))                 # x-(-y) -> x+y
 
 
 @ruleset

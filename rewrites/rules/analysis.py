@@ -19,6 +19,7 @@ from rewrites.egraph import (
     addmm,
     attention,
     bmm,
+    cast,
     clone,
     dtype,
     expand,
@@ -74,7 +75,8 @@ def shape_rules(
         set_(shape(bmm(x, y))).to(Vec[i64](s[0], s[1], t[2])))                                      # [b,m,k]@[b,k,n] : [b,m,n]
     yield rule(addmm(z, x, y), eq(shape(x)).to(s), eq(shape(y)).to(t)).then(
         set_(shape(addmm(z, x, y))).to(Vec[i64](s[0], t[1])))
-    for f in (softmax(x, d), log_softmax(x, d), gelu(x, a), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e), clone(x)):
+    for f in (softmax(x, d), log_softmax(x, d), gelu(x, a), silu(x), layer_norm(x, y, z, e), rms_norm(x, y, e), clone(x),
+              cast(x, a)):
         yield rule(f, eq(shape(x)).to(s)).then(set_(shape(f)).to(s))                               # fused ops keep x's shape
     for f in (view(x, s), expand(x, s), reshape_(x, s)):
         yield rule(f).then(set_(shape(f)).to(s))                                                   # views carry their shape
@@ -112,6 +114,7 @@ def dtype_rules(x: Tensor, y: Tensor, z: Tensor, w: Tensor, op: String, d: i64, 
               matmul(x, y), repeat_kv(x, d), attention(x, y, z, w, k, b), glu(x, y, op)):
         yield rule(f, eq(dtype(x)).to(a)).then(set_(dtype(f)).to(a))                               # dtype of x
     yield rule(addmm(z, x, y), eq(dtype(x)).to(a)).then(set_(dtype(addmm(z, x, y))).to(a))
+    yield rule(cast(x, a)).then(set_(dtype(cast(x, a))).to(a))                                       # cast(x, a) : a
     for wh in (where(z, x, Tensor.scalar(k)), where(z, Tensor.scalar(k), x), where(z, x, y)):
         yield rule(wh, eq(dtype(x)).to(a)).then(set_(dtype(wh)).to(a))                             # dtype of the value operand
 
