@@ -140,11 +140,45 @@ def _llama():
                                   max_position_embeddings=2048, attn_implementation="eager"))
 
 
+class Pooled(torch.nn.Module):
+    """An HF vision model's pooled output for pixel values."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model(pixel_values=pixels).pooler_output
+
+
+def _resnet():
+    from transformers import ResNetConfig, ResNetModel
+
+    # ResNet-18's layout (basic blocks, 2 per stage): convolutions stay ATen; batch norm + ReLU + residual fuse
+    return ResNetModel(ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                    layer_type="basic"))
+
+
+def _vision(name, desc, build, batch, size):
+    def make():
+        torch.manual_seed(0)
+        model = Pooled(build()).eval()
+        g = _g(1)
+        for mod in model.modules():  # trained-like running statistics, not the fresh 0/1
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+        return model, (torch.randn(batch, 3, size, size, generator=g),)
+
+    return Case(name, "model", desc, make)
+
+
 MODELS = [
     _model("bert", "BertModel 4 layers (base width), eager attention, batch 4 seq 128", _bert, 4, 128, False),
     _model("gpt2", "GPT2Model 4 layers (base width), eager attention, batch 4 seq 128", _gpt2(4), 4, 128),
     _model("llama", "LlamaModel 4 layers, hidden 768, MLP 2048, 12 heads, eager attention, batch 4 seq 128",
            _llama, 4, 128),
+    _vision("resnet18", "ResNetModel, ResNet-18 layout (HF config, basic blocks), batch 8, 3x112x112", _resnet, 8, 112),
     _model("gpt2_long", "GPT2Model 2 layers (n_positions 2048), eager attention, batch 1 seq 2048", _gpt2(2, 2048), 1, 2048),
 ]
 
