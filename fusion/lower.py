@@ -355,7 +355,9 @@ def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None,
         return lower_to_triton(gm, config, hw)
     original = gm
     gm = _prepare(gm)
-    groups = [g for g in S.schedule(gm) if S.worth_a_kernel(g, hw)]
+    # bf16 buffers in generated CPU kernels only in the approximate "bf16" mode (exact mode never makes one)
+    devices = ("cpu", S.CPU_BF16) if "bf16" in config.approximate else ("cpu",)
+    groups = [g for g in S.schedule(gm, devices) if S.worth_a_kernel(g, hw)]
     built = kernel_irs(groups)
     irs = [ir for ir, _ in built]
     specs = [spec for _, spec in built]
@@ -403,7 +405,8 @@ def kernel_spec(ir: P.KernelIR) -> runtime.KernelSpec | None:
     flatten = not ir.has_reduction and any(s.vec for s in ins) and not any(i.rot for i in ir.inputs) and all(
         s.full_shape if s.vec else all(S.is_one(d) for d in S.tval(i.node).shape)
         for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
-    outs = [(o.form, torch.float32 if o.dtype == "f" else torch.bool) for o in ir.outputs]
+    outs = [(o.form, torch.bfloat16 if o.bf16 else torch.float32 if o.dtype == "f" else torch.bool)
+            for o in ir.outputs]
     return runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten)
 
 

@@ -73,9 +73,16 @@ FLOAT_IN_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 MASK_IN = (torch.bool, torch.uint8)
 
 
+#: a `devices` entry admitting bf16 buffers into CPU kernels (loads widen to fp32, stores round: codegen/prims.py);
+#: `lower` passes it only in the approximate "bf16" mode
+CPU_BF16 = "cpu+bf16"
+
+
 def float_in(devices: tuple = ("cpu",)) -> tuple:
-    """Float dtypes fusable for these device types (fp16/bf16 only when CUDA is among them)."""
-    return FLOAT_IN_CUDA if "cuda" in devices else FLOAT_IN
+    """Float dtypes fusable for these device types (fp16/bf16 when CUDA is among them; bf16 with CPU_BF16)."""
+    if "cuda" in devices:
+        return FLOAT_IN_CUDA
+    return FLOAT_IN + (torch.bfloat16,) if CPU_BF16 in devices else FLOAT_IN
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@
 3. the next linear's conversion joins it too: when that result is read only by `quantize_rows` (the next
    linear is int8), ``quantize_rows(int8_matmul(...))`` becomes ``int8_matmul_quant(...)``, which writes the
    int8 rows and their scales and never the fp32 activation; when it is read only by a cast to bf16 (the
-   next linear is bf16), ``bf16_linear`` stores bf16 directly.
+   next linear is bf16), ``bf16_linear`` stores bf16 directly;
+4. a bf16 linear whose result only feeds generated-kernel ops (the residual add + layer norm) hands them the
+   bf16 GEMM result, its bias add moving into their kernel (`raw_bf16_gemms`): one pass less, half the bytes.
 
     n = fuse(gm, fake_mode)   # number of changes; gm is edited in place and recompiled
 """
@@ -156,9 +158,77 @@ def fuse_epilogues(g: fx.Graph, fake_mode: Any) -> int:
     return changed
 
 
+def raw_bf16_gemms(g: fx.Graph, fake_mode: Any) -> int:
+    """A bf16 linear read (through views) only by ops a generated CPU kernel takes in (the residual add before a
+    layer norm, an activation) returns the bf16 GEMM result itself, and its bias add becomes a graph node
+    (``add(y_bf16, bias)``, fp32 as before) that the lowering fuses into that kernel, which then reads bf16:
+    the epilogue pass (read bf16, write fp32) and the fp32 tensor are gone. The values are the same bits
+    (the fp32 sum of the bf16 GEMM result and the bias, in the consumer's kernel instead of the epilogue)."""
+    from fusion import schedule as S
+
+    devices = ("cpu", S.CPU_BF16)
+    changed = 0
+    for m in list(g.nodes):
+        if m.op != "call_function" or m.target is not fusion_ops.bf16_linear.default:
+            continue
+        x, w, bias, kn, act, out_bf16 = m.args
+        v = m.meta.get("val")
+        if act != "none" or out_bf16 or not isinstance(v, torch.Tensor) or v.device.type != "cpu":
+            continue
+        end = _past_views(m)
+        if not end.users or not all(S.classify(u, devices) in ("pw", "fused") for u in end.users):
+            continue
+        m.args = (x, w, None, kn, "none", True)
+        # fp32 again after the views that keep the rows (so the add joins the consumer's kernel domain),
+        # else right after the GEMM; without a bias: an upcast, which the kernel does on load
+        at = end if _last_dim(end) == _last_dim(m) else m
+        n = m
+        while True:
+            _set_val(n, fake_mode)
+            if n is at:
+                break
+            n = _only_user(n)
+        with g.inserting_after(at):
+            y = g.call_function(aten.add.Tensor, (at, bias)) if bias is not None else \
+                g.call_function(aten._to_copy.default, (at,), {"dtype": torch.float32})
+        at.replace_all_uses_with(y, delete_user_cb=lambda u: u is not y)
+        _set_val(y, fake_mode)
+        changed += 1
+    return changed
+
+
+def hoist_casts(g: fx.Graph, fake_mode: Any) -> int:
+    """``_to_copy(view(x), bf16)`` -> ``view(_to_copy(x, bf16))`` for a contiguous fp32 x: the cast then has x's
+    shape, so the kernel producing x (a layer norm) also writes its bf16 copy, instead of a separate pass."""
+    changed = 0
+    for n in list(g.nodes):
+        if not _is_bf16_cast(n) or not _is_view(n.args[0]):
+            continue
+        chain = []
+        r = n.args[0]
+        while _is_view(r):
+            chain.append(r)
+            r = r.args[0]
+        rv = r.meta.get("val") if isinstance(r, fx.Node) else None
+        if not isinstance(rv, torch.Tensor) or rv.dtype != torch.float32 or not rv.is_contiguous():
+            continue
+        with g.inserting_before(n):
+            cur = g.call_function(aten._to_copy.default, (r,), {"dtype": torch.bfloat16})
+            _set_val(cur, fake_mode)
+            for view in reversed(chain):
+                cur = g.call_function(view.target, (cur, *view.args[1:]), dict(view.kwargs))
+                _set_val(cur, fake_mode)
+        n.replace_all_uses_with(cur)
+        g.erase_node(n)
+        changed += 1
+    return changed
+
+
 def fuse(gm: fx.GraphModule, fake_mode: Any = None) -> int:
     g = gm.graph
     changed = merge_conversions(g) + fuse_epilogues(g, fake_mode)
+    if raw_bf16_gemms(g, fake_mode) + hoist_casts(g, fake_mode):
+        changed += 1 + merge_conversions(g)
     if changed:
         g.eliminate_dead_code()
         g.lint()

@@ -192,6 +192,8 @@ def _bf16_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], kn: bool, act: st
     y = torch.mm(x2, w if kn else w.t())                    # bf16 GEMM (oneDNN), fp32 accumulation inside
     b = None if bias is None else bias.float().contiguous()
     out_dtype = torch.bfloat16 if out_bf16 else torch.float32
+    if b is None and act == "none" and out_bf16:            # the GEMM result itself (no epilogue pass)
+        return y
     if kernels.available() and y.shape[0]:
         return kernels.bf16_epilogue(y.contiguous(), b, None if act == "none" else act, out_dtype)
     y = y.float() if b is None else y.float() + b

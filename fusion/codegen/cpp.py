@@ -59,6 +59,13 @@ static inline float fusion_expf_np(float x) {
   return x < -87.33654f ? 0.0f : y * s;
 }
 #define FEXP(x) fusion_expf(x)
+// bfloat16 buffers: widened by a shift on load; stored rounded to nearest even, NaN -> quiet NaN (as c10::BFloat16)
+static inline float fusion_bf2f(uint16_t h) { return __builtin_bit_cast(float, (uint32_t)h << 16); }
+static inline uint16_t fusion_f2bf(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  return f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float fusion_round_bf16(float f) { return fusion_bf2f(fusion_f2bf(f)); }
 // copy n floats from an aligned L1 block to dst with non-temporal stores where dst is aligned
 static inline void fusion_stream(float* __restrict dst, const float* __restrict src, int64_t n) {
   int64_t i = 0;
@@ -84,6 +91,7 @@ TEMPLATES = {
     "gelu": "{0} == INFINITY ? NAN : 0.5f * {0} * (1.0f + erff({0} * 0.70710678118654752f))",
     "gelu_tanh": "0.5f * {0} * (1.0f + tanhf(0.79788456080286536f * ({0} + 0.044715f * {0} * {0} * {0})))",
     "gelu_quick": "{0} / (1.0f + FEXP(-(1.702f * {0})))",        # x * sigmoid(1.702 x)
+    "round_bf16": "fusion_round_bf16({0})",
 }
 
 
@@ -97,6 +105,22 @@ def fconst(v: float) -> str:
 
 def _ctype(dt: str) -> str:
     return "float" if dt == "f" else "bool"
+
+
+def _btype(buf) -> str:
+    """C element type of a kernel input/output buffer."""
+    return "uint16_t" if buf.bf16 else ("float" if buf.dtype == "f" else "uint8_t")
+
+
+def _store(o, ir: KernelIR) -> str:
+    """The value an output stores: bf16 outputs round (a value rounded to bf16 already is stored from the
+    fp32 value it rounds, the same bits)."""
+    i = o.prim
+    if not o.bf16:
+        return _nm(i, ir)
+    if ir.prims[i].op == "round_bf16":
+        i = ir.prims[i].args[0]
+    return f"fusion_f2bf({_nm(i, ir)})"
 
 
 class _Render:
@@ -126,6 +150,8 @@ class _Render:
             v = f"p{k}{idx}"
             if inp.rot:
                 v = f"(j < H ? -p{k}[j + H] : p{k}[j - H])"
+            if inp.bf16:
+                return f"fusion_bf2f({v})"
             return v if inp.dtype == "f" else f"({v} != 0)"
         if p.op == "exp" and self._shifted_by_max(p.args[0]):
             return f"(fusion_expf_np({name(p.args[0])}))"
@@ -144,9 +170,9 @@ class _Render:
         ir = self.ir
         params = ["int64_t nthreads", "const int64_t* __restrict m"]
         for k, inp in enumerate(ir.inputs):
-            params.append(f"const {'float' if inp.dtype == 'f' else 'uint8_t'}* __restrict in{k}")
+            params.append(f"const {_btype(inp)}* __restrict in{k}")
         for k, o in enumerate(ir.outputs):
-            params.append(f"{'float' if o.dtype == 'f' else 'uint8_t'}* __restrict out{k}")
+            params.append(f"{_btype(o)}* __restrict out{k}")
         L = [f'extern "C" void {ir.name}({", ".join(params)}) {{']
         R = self.R
         for d in range(R):
@@ -172,8 +198,7 @@ class _Render:
                 L.append(f"{ind}const int64_t i{d} = rem % D{d}; rem /= D{d};")
         for k, inp in enumerate(self.ir.inputs):
             off = " + ".join(f"i{d} * s{k}_{d}" for d in range(R - 1)) or "0"
-            ct = "float" if inp.dtype == "f" else "uint8_t"
-            L.append(f"{ind}const {ct}* __restrict p{k} = in{k} + ({off}); (void)p{k};")
+            L.append(f"{ind}const {_btype(inp)}* __restrict p{k} = in{k} + ({off}); (void)p{k};")
         return L
 
 
@@ -237,7 +262,7 @@ def render_pointwise(ir: KernelIR) -> str:
     L.append("    const int64_t j1 = j0 + CH < N ? j0 + CH : N;")
     L += r.row_offsets("    ")
     for k, o in enumerate(ir.outputs):
-        L.append(f"    {'float' if o.dtype == 'f' else 'uint8_t'}* __restrict o{k} = out{k} + r * N;")
+        L.append(f"    {_btype(o)}* __restrict o{k} = out{k} + r * N;")
     need = _reach(ir, [o.prim for o in ir.outputs], set())
     for i in sorted(need):
         p = ir.prims[i]
@@ -245,7 +270,7 @@ def render_pointwise(ir: KernelIR) -> str:
             L.append(f"    const {_ctype(p.dtype)} v{i} = {r.expr(i, lambda a: _nm(a, ir))};")
     body = [f"const {_ctype(ir.prims[i].dtype)} v{i} = {r.expr(i, lambda a: _nm(a, ir))};"
             for i in sorted(need) if ir.prims[i].vec]
-    stores = [(f"o{k}", _nm(o.prim, ir), o.dtype == "f") for k, o in enumerate(ir.outputs)]
+    stores = [(f"o{k}", _store(o, ir), o.dtype == "f" and not o.bf16) for k, o in enumerate(ir.outputs)]
     emit_loop(L, "    ", "", "j0", "j1", body, stores, True)
     L.append("  }")
     L.append("  if (stream_out) _mm_sfence();")
@@ -320,7 +345,7 @@ def render_rows(ir: KernelIR) -> str:
     L += r.row_offsets(ind)
     for k, o in enumerate(vec_outs):
         ko = ir.outputs.index(o)
-        L.append(f"{ind}{'float' if o.dtype == 'f' else 'uint8_t'}* __restrict o{ko} = out{ko} + r * N;")
+        L.append(f"{ind}{_btype(o)}* __restrict o{ko} = out{ko} + r * N;")
     for s, i in enumerate(sorted(scratch)):
         L.append(f"{ind}float* __restrict sc{s} = scr + {s} * Npad;")
     emitted: set = set()
@@ -371,7 +396,7 @@ def render_rows(ir: KernelIR) -> str:
                 body.append(f"v{i} = {a} > v{i} ? {a} : v{i}; nan{i} |= ({a} != {a});")
             else:
                 body.append(f"v{i} = {a} < v{i} ? {a} : v{i}; nan{i} |= ({a} != {a});")
-        stores = [(f"o{ir.outputs.index(o)}", _nm(o.prim, ir), o.dtype == "f")
+        stores = [(f"o{ir.outputs.index(o)}", _store(o, ir), o.dtype == "f" and not o.bf16)
                   for o in vec_outs if P[o.prim].lvl == k]
         emit_loop(L, ind, " ".join(clauses), "0", "N", body, stores, True)
         for i in here:
@@ -379,7 +404,7 @@ def render_rows(ir: KernelIR) -> str:
                 L.append(f"{ind}if (nan{i}) v{i} = NAN;")
     emit_rows(nloops)
     for o in row_outs:
-        L.append(f"{ind}out{ir.outputs.index(o)}[r] = {_nm(o.prim, ir)};")
+        L.append(f"{ind}out{ir.outputs.index(o)}[r] = {_store(o, ir)};")
     L.append("    }")
     if scratch:
         L.append("    free(scr);")

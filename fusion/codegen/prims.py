@@ -3,6 +3,12 @@
 Each primitive is either *vec* (varies along the last dim j) or *row* (one value per row), with
 dtype "f" (float32) or "b" (bool). Reductions turn a vec value into a row value; `lvl` counts
 reductions upstream, which decides the loop ("phase") a value is computed in.
+
+bf16 buffers (C++ path; the scheduler admits bf16 nodes on the CPU only in the approximate "bf16" mode): an
+input or output whose node is bfloat16 has `bf16=True` — loaded as bf16 and widened to fp32, stored
+rounded to nearest even. Arithmetic stays fp32; the value of every bf16 member node is rounded to bf16
+(`round_bf16`) where eager PyTorch rounds it (each bf16 op computes in fp32 and rounds its result), so a
+kernel computes what the graph does, op by op, and a bf16 output stores that rounded value exactly.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class Input:
     vec: bool              # inner stride specialised to 1 (True) or 0 (False)
     rank: int              # rank of the tensor
     rot: bool = False      # read as rotate_half: j < N/2 ? -x[j + N/2] : x[j - N/2] (C++ path only)
+    bf16: bool = False     # stored as bfloat16 (dtype "f": widened to fp32 on load; C++ path)
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Output:
     prim: int
     form: str              # "full" | "rowk" | "rown"
     dtype: str
+    bf16: bool = False     # stored as bfloat16, rounded to nearest even (C++ path)
 
 
 @dataclass
@@ -105,7 +113,7 @@ class Builder:
             dt = "f" if v.dtype.is_floating_point else "b"
             if rot and not vec:
                 raise UnsupportedError(f"rotate_half of {node.name} without a last dim")
-            self.ir.inputs.append(Input(node, mode, dt, vec, len(shape), rot))
+            self.ir.inputs.append(Input(node, mode, dt, vec, len(shape), rot, bf16=v.dtype == torch.bfloat16))
             self.inputs[key] = len(self.ir.inputs) - 1
         k = self.inputs[key]
         inp = self.ir.inputs[k]
@@ -127,6 +135,15 @@ class Builder:
                  "div": lambda: a[0] / a[1], "neg": lambda: -a[0]}[op]()
             return self.const(float(r.item()))
         return self._add(op, tuple(args), vec, dtype, lvl)
+
+    def round_bf16(self, x: int) -> int:
+        """x rounded to bf16 precision (kept in fp32), unless it already is: a bf16 load or a rounding."""
+        p = self.ir.prims[x]
+        if p.op == "round_bf16" or p.dtype != "f" or (p.op == "load" and self.ir.inputs[p.args[0]].bf16):
+            return x
+        if p.op == "const":
+            return self.const(float(torch.tensor(p.args[0]).to(torch.bfloat16).float().item()))
+        return self._add("round_bf16", (x,), p.vec, "f", p.lvl)
 
     def reduce(self, op: str, x: int) -> int:
         p = self.ir.prims[x]
@@ -159,9 +176,14 @@ def build(g: S.Group, name: str) -> KernelIR:
             raise UnsupportedError(f"operand {a!r} of {n.name}")
 
         env[n] = _expand(n, form, A, b, g)
+        v = S.tval(n)
+        if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 and v.device.type == "cpu":
+            env[n] = b.round_bf16(env[n])                  # where eager rounds: every bf16 op's result
 
     for n in S.group_outputs(g):
-        ir.outputs.append(Output(n, env[n], g.form[n], ir.prims[env[n]].dtype))
+        v = S.tval(n)
+        bf16 = v.dtype == torch.bfloat16 and v.device.type == "cpu"
+        ir.outputs.append(Output(n, env[n], g.form[n], ir.prims[env[n]].dtype, bf16=bf16))
     return ir
 
 
