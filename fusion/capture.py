@@ -18,6 +18,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
 from fusion.errors import FusionInputError
+from fusion.trailing import flatten_trailing
 
 aten = torch.ops.aten
 
@@ -214,6 +215,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
       (in training graphs mean/rstd feed the backward, so the ATen op stays);
     - `aten.scaled_dot_product_attention` (kept by capture, no dropout) → `fusion.attention`;
     - inference batch norm (running statistics) → pointwise ATen ops over the channel dim, so that it fuses;
+    - reductions over the last k >= 2 dims, multi-dim `native_layer_norm` and inference `native_group_norm` →
+      last-dim forms between flattening views (`fusion/trailing.py`), so the norm rules and row kernels apply;
     - `aten.alias` and no-op `aten.clone` of a contiguous intermediate → the value itself (functional graph:
       nothing can observe the copy); `aten._unsafe_view` → `aten.view`; `transpose`/`t` → `permute` (as export emits);
     - dead code is removed.
@@ -255,6 +258,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             _sdpa_to_attention(node)
         elif node.target in _BN_EVAL:
             _batch_norm_eval(g, node)
+    flatten_trailing(gm)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
