@@ -46,6 +46,7 @@ def _spec_to_dict(spec: runtime.KernelSpec) -> dict:
         "inputs": [dataclasses.asdict(i) for i in spec.inputs],
         "outputs": [[form, str(dtype).removeprefix("torch.")] for form, dtype in spec.outputs],
         "flatten": spec.flatten,
+        "pointwise": spec.pointwise,
     }
 
 
@@ -56,6 +57,7 @@ def _spec_from_dict(d: dict) -> runtime.KernelSpec:
         inputs=[runtime.InputSpec(**i) for i in d["inputs"]],
         outputs=[(form, getattr(torch, dtype)) for form, dtype in d["outputs"]],
         flatten=d["flatten"],
+        pointwise=d.get("pointwise", False),
     )
 
 

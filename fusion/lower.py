@@ -407,7 +407,8 @@ def kernel_spec(ir: P.KernelIR) -> runtime.KernelSpec | None:
         for s, i in zip(ins, ir.inputs)) and all(o.form == "full" for o in ir.outputs)
     outs = [(o.form, torch.bfloat16 if o.bf16 else torch.float32 if o.dtype == "f" else torch.bool)
             for o in ir.outputs]
-    return runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten)
+    pointwise = not ir.has_reduction and not any(i.rot for i in ir.inputs) and all(o.form == "full" for o in ir.outputs)
+    return runtime.KernelSpec(R=len(ir.D), dsrc=dsrc, inputs=ins, outputs=outs, flatten=flatten, pointwise=pointwise)
 
 
 def kernel_irs(groups: list) -> list[tuple[P.KernelIR, runtime.KernelSpec]]:

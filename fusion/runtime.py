@@ -68,6 +68,7 @@ class KernelSpec:
     inputs: list[InputSpec]
     outputs: list[tuple[str, torch.dtype]]     # (form, dtype)
     flatten: bool         # pure pointwise: contiguous same-shape operands run as one flat row
+    pointwise: bool = False   # no reduction, full outputs: the last two dims may be coalesced at run time
 
 
 class FusedKernel(torch.nn.Module):
@@ -108,6 +109,20 @@ class FusedKernel(torch.nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> Any:
         return self._call(*xs)
+
+    def _coalesce_conditions(self, R: int) -> list[str] | None:
+        """Run-time conditions under which dims R-2 and R-1 are one contiguous inner dim for every operand:
+        a vec operand spans both (stride of R-2 == size of R-1), a row operand broadcasts over both."""
+        conds = [f"D{R - 2} > 1"]
+        for k, s in enumerate(self.spec.inputs):
+            i = s.dmap[R - 2]
+            if s.vec:
+                if i is None or s.last is None:
+                    return None
+                conds.append(f"sh{k}[{i}] == D{R - 2} and st{k}[{i}] == D{R - 1}")
+            elif i is not None:
+                conds.append(f"sh{k}[{i}] == 1")
+        return conds
 
     def _build_call(self) -> Callable:
         """Generate a call function specialised to this kernel's ranks and broadcasting (few µs)."""
@@ -153,7 +168,20 @@ class FusedKernel(torch.nn.Module):
                 L.append(f"{ind}if sh{k}[{i}] != D{d} and sh{k}[{i}] != 1: bad({k}, x{k}, D{d})")
                 strides.append(f"(0 if sh{k}[{i}] == 1 else st{k}[{i}])")
         L.append(f"{ind}D = [{', '.join(f'D{d}' for d in range(R))}]")
-        L.append(f"{ind}m = M({', '.join([f'D{d}' for d in range(R)] + strides)})")
+        plain_m = f"m = M({', '.join([f'D{d}' for d in range(R)] + strides)})"
+        merge = self._coalesce_conditions(R) if spec.pointwise and R >= 2 else None
+        if merge:
+            # the last two dims as one inner dim where every operand allows it (NCHW with per-channel
+            # operands: rows of H*W instead of W): same memory order, longer vector loops
+            merged = ["1"] + [f"D{d}" for d in range(R - 2)] + [f"D{R - 2} * D{R - 1}"]
+            for k in range(nin):
+                merged += ["0"] + strides[k * (R - 1): k * (R - 1) + R - 2]
+            L.append(f"{ind}if {' and '.join(merge)}:")
+            L.append(f"{ind}    m = M({', '.join(merged)})")
+            L.append(f"{ind}else:")
+            L.append(f"{ind}    {plain_m}")
+        else:
+            L.append(f"{ind}{plain_m}")
         outs = []
         for j, (form, dtype) in enumerate(spec.outputs):
             shape = {"full": "D", "rowk": "D[:-1] + [1]", "rown": "D[:-1]"}[form]
