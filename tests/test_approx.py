@@ -439,7 +439,6 @@ def test_torch_compile_approximate_new_shapes_reuse_converted_weights(w8a8_first
 
 
 def test_torch_compile_approximate_errors_and_training():
-    from fusion.approx.held import ReleasedWeightError
 
     block, _ = _twins(2)
     x = torch.randn(2, 16, 64)
