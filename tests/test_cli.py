@@ -55,7 +55,8 @@ def test_optimize_model_only_factory_json_save_progress(tmp_path):
     assert cmp["after"]["fused_kernels"] >= 1 and cmp["after"]["kernels"] < cmp["before"]["kernels"]
     assert cmp["after"]["bytes"] < cmp["before"]["bytes"]
     assert doc["kernels"] and all(k["measured_s"] for k in doc["kernels"])
-    assert [p["name"] for p in doc["graphs"][0]["passes"]][:3] == ["normalize", "rewrite", "lower"]
+    names = [p["name"] for p in doc["graphs"][0]["passes"] if p["name"] != "merge"]   # merge: shared-input matmuls
+    assert names[:3] == ["normalize", "rewrite", "lower"], names
     for stage in ("capture", "normalize", "rewrite", "rewrite: saturate", "rewrite: extract", "lower", "done"):
         assert stage in r.stderr                 # --progress: one line per pass when stderr is not a terminal
     assert doc["saved"] == str(out) and (out / "program.json").is_file()
