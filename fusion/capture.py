@@ -7,7 +7,6 @@ comes from AOTAutograd instead (see backend.py); both go through `normalize`.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,7 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
 from fusion.errors import FusionInputError
-from fusion.trailing import flatten_trailing
+from fusion.trailing import Builder, flatten_trailing, only_first_output_used, replace_first_output
 
 aten = torch.ops.aten
 
@@ -116,10 +115,6 @@ def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Cap
 # normalize: ATen graph -> fusion dialect
 
 
-def _only_first_output_used(node: fx.Node) -> bool:
-    return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
-
-
 def _last_dim_only(normalized_shape: Any, val: Any) -> bool:
     return isinstance(normalized_shape, (list, tuple)) and len(normalized_shape) == 1 and val is not None and len(val.shape) >= 1
 
@@ -169,7 +164,7 @@ def _batch_norm_eval(g: fx.Graph, node: fx.Node) -> bool:
     Only when the batch statistics outputs are unused and every tensor has x's dtype."""
     if node.target is aten.native_batch_norm.default and node.args[5] is not False:
         return False  # training: batch statistics
-    if not _only_first_output_used(node):
+    if not only_first_output_used(node):
         return False
     x, w, b, mean, var = node.args[:5]
     eps = node.args[_BN_EVAL[node.target][1]]
@@ -182,18 +177,8 @@ def _batch_norm_eval(g: fx.Graph, node: fx.Node) -> bool:
             return False
     if mean is None or var is None:
         return False
-    from torch._guards import detect_fake_mode
-
-    fake_mode = detect_fake_mode([xv])
     shape = [xv.shape[1]] + [1] * (xv.dim() - 2)
-
-    def op(target: Any, *args: Any) -> fx.Node:
-        n = g.create_node("call_function", target, args)
-        vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-        with fake_mode:
-            n.meta["val"] = target(*vals)
-        return n
-
+    op = Builder(g, xv).op
     with g.inserting_before(node):
         inv = op(aten.rsqrt.default, op(aten.add.Tensor, op(aten.view.default, var, shape), float(eps)))
         y = op(aten.mul.Tensor, op(aten.sub.Tensor, x, op(aten.view.default, mean, shape)), inv)
@@ -201,10 +186,7 @@ def _batch_norm_eval(g: fx.Graph, node: fx.Node) -> bool:
             y = op(aten.mul.Tensor, y, op(aten.view.default, w, shape))
         if b is not None:
             y = op(aten.add.Tensor, y, op(aten.view.default, b, shape))
-    for user in list(node.users):
-        user.replace_all_uses_with(y)
-        g.erase_node(user)
-    g.erase_node(node)
+    replace_first_output(g, node, y)
     return True
 
 
@@ -225,7 +207,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
-        if node.target is aten.native_layer_norm.default and _only_first_output_used(node):
+        if node.target is aten.native_layer_norm.default and only_first_output_used(node):
             x, shape, w, b, eps = node.args
             xv = x.meta.get("val") if isinstance(x, fx.Node) else None
             if not _last_dim_only(shape, xv):

@@ -65,7 +65,7 @@ def _input_meta(x: Any) -> str | None:
 
 def key(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> str | None:
     """The cache key of Dynamo's graph on these inputs, or None when it must not be cached."""
-    from fusion.structural import stock_passes
+    from fusion.structural import compile_environment, stock_passes
 
     if config.approximate or not config.structural_cache or not stock_passes():
         return None  # (a pass replaced at run time — a test, a fault injection — is not what was stored)
@@ -79,16 +79,7 @@ def key(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> str | 
     metas = [_input_meta(x) for x in example_inputs]
     if any(m is None for m in metas):
         return None
-    import warnings
-
-    from fusion.pipeline import hardware
-
-    with warnings.catch_warnings():  # a failing calibration is reported once, by the compile that needs it
-        warnings.simplefilter("ignore")
-        hw = hardware(config)  # extraction and scheduling price with it: a re-calibration recompiles
-    parts = [FORMAT, cache.versions(), config.key(), f"grad={torch.is_grad_enabled()}",
-             f"hw={getattr(hw, 'key', '')}|{getattr(hw, 'name', '')}|{getattr(hw, 'source', '')}",
-             gm.code, *metas]
+    parts = [FORMAT, *compile_environment(config), gm.code, *metas]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

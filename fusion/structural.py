@@ -149,6 +149,17 @@ def stock_passes() -> bool:
     return True
 
 
+def compile_environment(config: Config) -> list[str]:
+    """What a stored program depends on besides its computation, as key parts: library and fusion source
+    versions, the config, grad mode and the hardware profile (extraction and scheduling price with it: a
+    re-calibration recompiles). Shared by this cache and torch.compile's (fusion/dynamo_cache.py)."""
+    with warnings.catch_warnings():  # a failing calibration is reported once, by the compile that needs it
+        warnings.simplefilter("ignore")
+        hw = hardware(config)
+    return [cache.versions(), config.key(), f"grad={torch.is_grad_enabled()}",
+            f"hw={getattr(hw, 'key', '')}|{getattr(hw, 'name', '')}|{getattr(hw, 'source', '')}"]
+
+
 def signature(model: torch.nn.Module, args: Sequence[Any], config: Config) -> str | None:
     """The structural-cache key of `model` on `args` (see the module docstring), or None when the module
     cannot be cached or the structural cache is off."""
@@ -161,11 +172,7 @@ def signature(model: torch.nn.Module, args: Sequence[Any], config: Config) -> st
     names: dict[int, str] = {}
     fakes: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # a failing calibration is reported once, by the compile that needs it
-        warnings.simplefilter("ignore")
-        hw = hardware(config)  # extraction and scheduling price with it: a re-calibration recompiles
-    parts = [FORMAT, cache.versions(), config.key(), f"grad={torch.is_grad_enabled()}",
-             f"hw={getattr(hw, 'key', '')}|{getattr(hw, 'name', '')}|{getattr(hw, 'source', '')}"]
+    parts = [FORMAT, *compile_environment(config)]
     try:
         for kind, named in (("param", model.named_parameters(remove_duplicate=False)),
                             ("buffer", model.named_buffers(remove_duplicate=False))):

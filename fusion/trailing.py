@@ -68,7 +68,9 @@ def _contig(v: Any) -> bool:
             and v.layout == torch.strided)
 
 
-class _Builder:
+class Builder:
+    """Creates call_function nodes in `g` with meta["val"] computed under the graph's fake mode."""
+
     def __init__(self, g: fx.Graph, like: torch.Tensor):
         from torch._guards import detect_fake_mode
 
@@ -145,7 +147,7 @@ def _flatten_reductions(g: fx.Graph) -> set[tuple[tuple[int, ...], int]]:
             continue
         keep = ra[1]
         P, Q = s[:-k], s[-k:]
-        b = _Builder(g, xv)
+        b = Builder(g, xv)
         kwargs = {} if n.target not in (aten.var.correction, aten.var_mean.correction) else {
             "correction": dict(zip(("self", "dim", "correction", "keepdim"), n.args), **n.kwargs).get("correction", 1),
             "keepdim": keep}
@@ -209,7 +211,7 @@ def _flatten_pointwise(g: fx.Graph, splits: set[tuple[tuple[int, ...], int]]) ->
                 break
         if not ok or not targets:
             continue
-        b = _Builder(g, v)
+        b = Builder(g, v)
         views: dict[fx.Node, fx.Node] = {}
         # graph inputs / weights first, then computed values in definition order (the e-graph's operand order)
         for a in sorted(targets, key=lambda a: (a.op == "call_function", order.get(a, len(order)))):
@@ -239,14 +241,14 @@ def _layer_norm_multi(g: fx.Graph, node: fx.Node) -> bool:
         if t is not None and (not isinstance(t, fx.Node) or not _contig(_val(t)) or _static(_val(t)) != tuple(nshape)
                               or _val(t).dtype != xv.dtype):
             return False
-    bld = _Builder(g, xv)
+    bld = Builder(g, xv)
     with g.inserting_before(node):
         xf = bld.view(x, s[:-k] + (Q,))
         wf = bld.view(w, (Q,)) if w is not None else None
         bf = bld.view(b, (Q,)) if b is not None else None
         ln = bld.op(torch.ops.fusion.layer_norm.default, xf, wf, bf, float(eps))
         out = bld.view(ln, s)
-    _replace_first_output(g, node, out)
+    replace_first_output(g, node, out)
     return True
 
 
@@ -263,7 +265,7 @@ def _group_norm(g: fx.Graph, node: fx.Node) -> bool:
     for t in (w, b):
         if t is not None and (not isinstance(t, fx.Node) or _static(_val(t)) != (C,) or _val(t).dtype != xv.dtype):
             return False
-    bld = _Builder(g, xv)
+    bld = Builder(g, xv)
     chan = (C,) + (1,) * (len(s) - 2)
     with g.inserting_before(node):
         xg = bld.view(x, (N, G, C // G * HxW))
@@ -273,18 +275,19 @@ def _group_norm(g: fx.Graph, node: fx.Node) -> bool:
             y = bld.op(aten.mul.Tensor, y, bld.view(w, chan))
         if b is not None:
             y = bld.op(aten.add.Tensor, y, bld.view(b, chan))
-    _replace_first_output(g, node, y)
+    replace_first_output(g, node, y)
     return True
 
 
-def _replace_first_output(g: fx.Graph, node: fx.Node, out: fx.Node) -> None:
+def replace_first_output(g: fx.Graph, node: fx.Node, out: fx.Node) -> None:
+    """`out` stands for `node[0]` (every user of node is getitem 0); node and those users are erased."""
     for user in list(node.users):
         user.replace_all_uses_with(out)
         g.erase_node(user)
     g.erase_node(node)
 
 
-def _only_first_output_used(node: fx.Node) -> bool:
+def only_first_output_used(node: fx.Node) -> bool:
     return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
 
 
@@ -292,7 +295,7 @@ def flatten_trailing(gm: fx.GraphModule) -> None:
     """The rewrites of this module, in place (normalize lints and recompiles afterwards)."""
     g = gm.graph
     for n in list(g.nodes):
-        if n.op != "call_function" or not _only_first_output_used(n) or not n.users:
+        if n.op != "call_function" or not only_first_output_used(n) or not n.users:
             continue
         if n.target is aten.native_layer_norm.default:
             _layer_norm_multi(g, n)
