@@ -68,12 +68,11 @@ def _approximate_config(config: Config, example_inputs: list[Any]) -> Config:
     """Approximate rewrites under torch.compile (fusion/approx/held.py): inference graphs only (a graph that
     records gradients is compiled exact, with one warning); a graph reading weights an earlier approximate
     compile released can only be compiled approximate, and for inference."""
-    import torch
-
+    from fusion import dynamo_cache
     from fusion.approx import held
 
     released = [t for t in example_inputs if held.is_released(t)]
-    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+    training = dynamo_cache.records_gradients(example_inputs)
     if released and (training or not config.approximate):
         raise held.ReleasedWeightError(
             f"fusion: {len(released)} weight(s) of this module were converted by an earlier "

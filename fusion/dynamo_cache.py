@@ -63,13 +63,18 @@ def _input_meta(x: Any) -> str | None:
     return f"{type(x).__name__} {tuple(x.shape)} {x.stride()} {x.storage_offset()} {x.dtype} {x.device} {x.requires_grad}"
 
 
+def records_gradients(example_inputs: list[Any]) -> bool:
+    """Does AOTAutograd trace a joint forward/backward graph for these inputs (rather than an inference graph)?"""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
 def key(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> str | None:
     """The cache key of Dynamo's graph on these inputs, or None when it must not be cached."""
     from fusion.structural import compile_environment, stock_passes
 
     if config.approximate or not config.structural_cache or not stock_passes():
         return None  # (a pass replaced at run time — a test, a fault injection — is not what was stored)
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+    if records_gradients(example_inputs):
         return None  # AOTAutograd builds a joint forward/backward graph: not this cache
     if len({id(x) for x in example_inputs}) != len(example_inputs):
         return None  # the same tensor passed twice: AOTAutograd deduplicates arguments
