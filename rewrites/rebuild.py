@@ -41,6 +41,25 @@ def rule_name(op: str, literals: tuple) -> str:
     return RULE_OF[op] + (_VARIANT.get(literals[0], "") if literals and isinstance(literals[0], str) else "")
 
 
+#: a scalar factor (`fold_scale` in `fired` when one moved off a matrix product's operand)
+_SCALING = {aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
+_PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+
+
+def _feeds_matrix_product(n: Node) -> bool:
+    """n is an operand of a matrix product, directly or through views and copies of it."""
+    stack, seen = list(n.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.target in _PRODUCTS:
+            return True
+        if u.target in _LAYOUT.values() or u.target in (aten.clone.default, aten._unsafe_view.default):
+            stack.extend(u.users)
+    return False
+
 _LAYOUT = {"view": aten.view.default, "expand": aten.expand.default, "permute": aten.permute.default,
            "unsqueeze": aten.unsqueeze.default}
 
@@ -243,5 +262,10 @@ def _fired(gm: GraphModule, ins: Inserted, ex: EGraphExport, built: dict[int, An
             names.append(n.name)
             stack.extend(a for a in n.all_input_nodes
                          if a in ins.signatures and (ex.lets[a.name] not in built or a in by_class.get(cls, [])))
+    for n in ins.signatures:   # a scalar factor no longer applied to a matrix operand (rules/linear.py)
+        if (n.target in _SCALING and n not in claimed and ex.lets[n.name] not in built
+                and all(isinstance(a, (int, float)) for a in n.args[1:])
+                and _feeds_matrix_product(n)):
+            fired.setdefault("fold_scale", []).append(n.name)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     return {r: sorted(v, key=order.__getitem__) for r, v in fired.items() if v}

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusion.ops  # noqa: F401
@@ -263,3 +264,57 @@ def test_half_activations_computed_in_float32_are_the_half_op(dtype, name, act, 
     with torch.no_grad():
         out, ref = r.gm(*args)[0], m(x)
     assert out.dtype == dtype and torch.equal(out, ref)
+
+
+# ---- scalar factors on matrix operands: constant folding over weights without a copy -----------------
+
+
+class Scaled(nn.Module):
+    """`fn(m, x)` over a [N, K] weight `w`, a [K, N] weight `wt` and an [N] bias `b`."""
+    def __init__(self, fn, n: int = 16, k: int = 256):
+        super().__init__()
+        self.fn = fn
+        self.w, self.wt = nn.Parameter(torch.randn(n, k) / 16), nn.Parameter(torch.randn(k, n) / 16)
+        self.b = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def weight_scalings(gm) -> int:
+    """mul/div/neg nodes applied directly to a weight (a `p_` placeholder) or to its transpose."""
+    def of_weight(a):
+        a = a.args[0] if a.op == "call_function" and a.target == aten.permute.default else a
+        return a.op == "placeholder" and a.name.startswith("p_")
+    return sum(n.op == "call_function" and n.target in (aten.mul.Tensor, aten.div.Tensor, aten.neg.default)
+               and of_weight(n.args[0]) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("linear_w_times_c", lambda m, x: F.linear(x, m.w * 0.5, m.b)),           # addmm(b, x, permute(w c))
+    ("linear_w_over_c", lambda m, x: F.linear(x, m.w / 3.0)),                 # mm(x, permute(w c))
+    ("linear_neg_w", lambda m, x: F.linear(x, -m.w, m.b)),                    # addmm(b, x, permute(-w))
+    ("matmul_wt_times_c", lambda m, x: x @ (m.wt * 0.125)),                   # mm(x, w c)
+    ("matmul_t_times_c", lambda m, x: x @ (m.w.t() * 2.0)),                   # mm(x, permute(w) c)
+    ("matmul_neg_wt", lambda m, x: x @ -m.wt),                                 # mm(x, -w)
+])
+def test_scalar_factors_move_off_matrix_operands(name, fn):
+    """x @ (w c) = (x @ w) c and its relatives: the weight is read in place (no scaled copy of it per call);
+    the factor is applied to the (here 16x smaller) product. Several shapes: 2-D and 3-D x, one row."""
+    shapes = [(8, 256), (2, 5, 256), (1, 256)] if name == "linear_w_times_c" else [(2, 5, 256)]
+    m = Scaled(fn)
+    r = check(m, shapes, {}, tol=TOL)
+    assert "fold_scale" in r.fired, r.gm.code
+    assert weight_scalings(r.gm) == 0, r.gm.code
+    assert weight_scalings(capture(m, torch.randn(2, 5, 256))[0]) == 1
+
+
+def test_tensor_factors_and_small_products_keep_the_weight_side():
+    """A tensor factor (a per-column scale) is not a scalar: left alone. And where the product is larger
+    than the weight (many rows, a small weight), scaling the weight stays the cheaper side: the cost model keeps it."""
+    m = Scaled(lambda m, x: F.linear(x, m.w * m.b[:, None]))
+    r = check(m, [(2, 5, 256)], {}, tol=TOL)
+    assert "fold_scale" not in r.fired
+    small = Scaled(lambda m, x: x @ (m.wt * 0.5), n=4, k=8)
+    r = check(small, [(512, 8)], {}, tol=TOL)
+    assert "fold_scale" not in r.fired and weight_scalings(r.gm) == 1, r.gm.code

@@ -14,7 +14,7 @@ from rewrites.rules.casts import cast_rules
 from rewrites.rules.glu import glu_rules
 from rewrites.rules.layer_norm import layer_norm_rules
 from rewrites.rules.layout import layout_rules
-from rewrites.rules.linear import linear_rules
+from rewrites.rules.linear import linear_family
 from rewrites.rules.rms_norm import rms_norm_rules
 from rewrites.rules.softmax import softmax_rules
 
@@ -28,7 +28,7 @@ FAMILIES: dict[str, Ruleset] = {
     "gelu": gelu_rules,
     "silu": silu_rules,
     "glu": glu_rules,
-    "linear": linear_rules,
+    "linear": linear_family,
     "attention": attention_family,
 }
 
