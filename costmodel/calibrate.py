@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from costmodel.hardware import HardwareProfile
+from costmodel.hardware import ATTENTION_KEY, BMM_KEY, ONEDNN_KEY, HardwareProfile
 from costmodel.kernel_probe import kernel_rates
 
 _MEMO: dict[str, HardwareProfile] = {}
@@ -63,10 +63,9 @@ _MEMO: dict[str, HardwareProfile] = {}
 _clock = time.perf_counter
 #: what the stored profile's fields mean. 2: kernel_overhead is the runtime wrapper (not a bare ctypes
 #: call); view/graph-call/parallel overheads and the small-GEMM curve exist. 3: slope-based rates, ATen
-#: op rates (gelu/silu/softmax) and generated-kernel rates. Older files are re-measured.
-SCHEMA = 3
-#: gemm_flops key of oneDNN's fp32 GEMM (the library fusion/gemm.py may choose instead of MKL)
-ONEDNN_KEY = "float32_onednn"
+#: op rates (gelu/silu/softmax) and generated-kernel rates. 4: bmm and attention (SDPA) rate curves.
+#: Older files are re-measured.
+SCHEMA = 4
 MB = 1 << 20
 
 
@@ -469,6 +468,39 @@ def _gemm_curve(sizes, reps: int) -> list[list[float]]:
     return out
 
 
+#: the head shape BMM_KEY and ATTENTION_KEY are measured at: [HEADS, S, HEAD_DIM] operands, S from the
+#: calibration's sizes (below 16: one head of 16, where each call's fixed cost dominates)
+HEADS, HEAD_DIM = 12, 64
+
+
+def _attention_curves(sizes, reps: int, vec: float, exp_rate: float) -> dict[str, list[list[float]]]:
+    """{BMM_KEY: [[FLOPs per call, FLOP/s], ...], ATTENTION_KEY: [...]} at S in `sizes`.
+
+    A batched product over heads with K or N = 64 runs far below the square-GEMM rate (MKL's batched
+    path: ~0.45x here at S=2048), while SDPA's blocked kernel keeps its scores in cache; pricing both at
+    the square-GEMM rate made extraction keep bmm + softmax + bmm where one attention call is 2-4x faster.
+    Attention's rate is over its GEMM FLOPs after subtracting its pointwise and exp work at the rates the
+    model prices them (`roofline._sdpa_cost`: 6 FLOPs and 1 exp per score), so the model reproduces the
+    measured time; at least a quarter of the time is left to the GEMMs."""
+    import torch.nn.functional as F
+
+    bmm, attn = [], []
+    for n in sizes:
+        h, d = (HEADS, HEAD_DIM) if n >= 16 else (1, 16)             # the smallest: each call's fixed cost
+        q, k, v = (torch.randn(1, h, n, d) for _ in range(3))
+        mask = torch.randn(1, 1, n, n)
+        s = torch.empty(h, n, n)
+        qb, kt, vb = q[0], k[0].transpose(1, 2), v[0]
+        flops = 2.0 * h * n * n * d                                  # one of the two products
+        t_bmm = _best(lambda: torch.bmm(qb, kt, out=s), reps, 20) + _best(lambda: torch.bmm(s, vb), reps, 20)
+        t_att = _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps, 20)
+        scores = h * n * n
+        rest = 6.0 * scores / vec + scores / exp_rate
+        bmm.append([flops, 2 * flops / t_bmm])
+        attn.append([2 * flops, 2 * flops / max(t_att - rest, 0.25 * t_att)])
+    return {BMM_KEY: bmm, ATTENTION_KEY: attn}
+
+
 def calibrate(scale: float = 1.0, verbose: bool = False, cpu_clock: bool = False) -> HardwareProfile:
     """Measure now. scale=1 takes ~3-4 s on 2 cores; scale<1 shrinks sizes and repetitions (tests).
     cpu_clock: time with the process CPU clock (one torch thread only; see _clock)."""
@@ -532,8 +564,12 @@ def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
         graph_oh = step("graph", lambda: _graph_call_overhead(2000 if full else 200))
         par_oh = step("parallel", lambda: _parallel_overhead(reps))
         curve = step("gemm-curve", lambda: _gemm_curve((32, 64, 128, 256, 512) if full else (32, 64), reps))
+        heads = step("attention", lambda: _attention_curves((4, 16, 64, 128, 512, 1024) if full else (4, 16, 64), reps, vec,
+                                                             rates.get("exp", 1e9)))
     if curve:                                          # the peak is at least the best small-GEMM rate
         gemm["float32"] = max(gemm["float32"], curve[-1][1])
+    for key, pts in heads.items():                     # beyond the largest size: its rate
+        gemm[key] = pts[-1][1]
     base = [rates[k] for k in ("exp", "tanh", "erf") if k in rates]
     tr = len(base) / sum(1.0 / r for r in base)
     total = time.perf_counter() - t_start
@@ -555,7 +591,8 @@ def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
         kernel_rates=krates,
         graph_call_overhead=graph_oh,
         parallel_overhead=par_oh,
-        gemm_curve={"float32": curve + [[2.0 * 1024 ** 3, max(gemm["float32"], curve[-1][1])]] if full else curve},
+        gemm_curve={"float32": curve + [[2.0 * 1024 ** 3, max(gemm["float32"], curve[-1][1])]] if full else curve,
+                    **heads},
         fresh_write_bandwidth=fresh_bw,
         measured=True,
         source=(f"calibrated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in "

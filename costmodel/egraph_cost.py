@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from costmodel.hardware import HardwareProfile
+from costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
 from costmodel.roofline import Cost
 
 SYMBOLIC_SIZE = 64
@@ -95,6 +95,8 @@ def enode_cost(
         c.gemm_flops = 2 * n_out * k
         if op == "addmm":
             c.flops = n_out
+        if op == "bmm" and c.gemm_dtype == "float32":
+            c.gemm_dtype = BMM_KEY          # batched head-shaped products: their own measured rate
     elif op in ("softmax", "log_softmax"):
         c.flops, c.transcendentals = 4 * n_out, n_out
     # fused ops: the FLOPs of their canonical decomposition, so that a fused op and the same math fused
@@ -114,7 +116,10 @@ def enode_cost(
             dim = lambda v: SYMBOLIC_SIZE if v < 0 else v
             scores = numel(q) / max(1, dim(q[-1])) * dim(k[-2])
             c.gemm_flops = 2 * scores * dim(q[-1]) + 2 * scores * (dim(out_shape[-1]) if out_shape else dim(q[-1]))
-            c.flops, c.transcendentals = 4 * scores, scores
+            # as roofline._sdpa_cost (the FX-level price of the same call)
+            c.flops, c.transcendentals, c.transcendental_mix = 6 * scores, scores, {"exp": scores}
+            if c.gemm_dtype == "float32":
+                c.gemm_dtype = ATTENTION_KEY
     elif op == "silu":
         c.flops, c.transcendentals = 2 * n_out, n_out
     elif op == "glu":            # act(g) (as silu / gelu above) and the product

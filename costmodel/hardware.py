@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+#: gemm_flops / gemm_curve keys besides the dtypes: fp32 products on oneDNN, fp32 bmm of head-shaped
+#: operands, and the fp32 SDPA call behind fusion.attention (calibrate._attention_curves)
+ONEDNN_KEY, BMM_KEY, ATTENTION_KEY = "float32_onednn", "float32_bmm", "float32_attention"
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -14,7 +18,7 @@ class HardwareProfile:
     copy_bandwidth: float          # bytes/s, (bytes read + bytes written) / s of a large copy (DRAM)
     cache_bandwidth: float         # bytes/s when the working set fits in the last-level cache
     llc_bytes: int                 # last-level cache size
-    gemm_flops: dict               # dtype name ("float32", "bfloat16", "int8") -> FLOP/s of a large GEMM
+    gemm_flops: dict               # dtype name ("float32", "bfloat16", "int8") or a key above -> FLOP/s of a large GEMM
     vector_flops: float            # FLOP/s of vectorised fp32 pointwise arithmetic (all cores)
     transcendental_rate: float     # exp/erf/tanh evaluations per second (all cores, vectorised)
     kernel_overhead: float         # s per generated-kernel call from Python (wrapper + ctypes call)
@@ -33,8 +37,8 @@ class HardwareProfile:
     parallel_overhead: float = 0.0      # s per OpenMP parallel region (fork + join of the thread team)
     graph_call_overhead: float = 0.0    # s per call of an FX GraphModule (the program itself)
     schema: int = 0                     # calibrate.SCHEMA the profile was measured with (0: older)
-    gemm_curve: dict = field(default_factory=dict)
-    kernel_rates: dict = field(default_factory=dict)  # generated C++ kernels: "flops" FLOP/s, "exp"/... eval/s  # dtype -> [[FLOPs per GEMM, FLOP/s], ...] small sizes
+    gemm_curve: dict = field(default_factory=dict)    # gemm_flops key -> [[FLOPs per call, FLOP/s], ...] ascending
+    kernel_rates: dict = field(default_factory=dict)  # generated C++ kernels: "flops" FLOP/s, "exp"/... eval/s
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from costmodel.hardware import HardwareProfile
+from costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
 from costmodel.ops_table import (  # noqa: F401  (re-exported: tests and tools import them from here)
     _CONCAT, _CONV, _CREATE, _EMPTY, _GATHER, _GELU_TANH, _GEMM, _PW, _RED, _SCATTER, _SDPA, VIEW_OPS,
     BASE_FN, TRANSCENDENTAL_FN, gemm_rate, is_view_target, op_name,
@@ -101,14 +101,20 @@ class Cost:
         GEMM, small sizes) interpolated log-log, the large-GEMM peak hw.gemm_flops beyond it."""
         if not self.gemm_flops:
             return 0.0
-        peak = hw.gemm_flops.get(self.gemm_dtype) or hw.gemm_flops.get("float32") or 1e12
+        key = self.gemm_dtype
+        # bmm / attention rates are measured per call at head shapes (calibrate._attention_curves); a
+        # profile without them prices each independent problem at the fp32 GEMM rate
+        per_call = key in (BMM_KEY, ATTENTION_KEY)
+        if per_call and key not in hw.gemm_flops:
+            key, per_call = "float32", False
+        peak = hw.gemm_flops.get(key) or hw.gemm_flops.get("float32") or 1e12
         curves = getattr(hw, "gemm_curve", None) or {}
-        curve = curves.get(self.gemm_dtype)
-        if curve is None and self.gemm_dtype == "float32_onednn" and curves.get("float32"):
+        curve = curves.get(key)
+        if curve is None and key == "float32_onednn" and curves.get("float32"):
             # oneDNN's small-size curve is not measured: MKL's fp32 curve scaled by the ratio of the peaks
             k = peak / (hw.gemm_flops.get("float32") or peak)
             curve = [[f, r * k] for f, r in curves["float32"]]
-        n = self.gemm_calls or self.calls or 1
+        n = (self.calls or 1) if per_call else (self.gemm_calls or self.calls or 1)
         return self.gemm_flops / gemm_rate(curve, self.gemm_flops / n, peak)
 
     def _kernel_rates(self, hw: HardwareProfile) -> dict:
@@ -463,6 +469,8 @@ def _gemm_cost(name, ins, outs, args, kwargs) -> Cost:
     osh = shape_of(outs[0]) if outs else ()
     if name in ("bmm", "baddbmm") and len(osh) == 3:
         c.gemm_calls = float(osh[0])        # B independent [M, K] x [K, N] problems
+        if c.gemm_dtype == "float32":
+            c.gemm_dtype = BMM_KEY          # measured per call at head shapes where calibrated
     else:
         c.gemm_calls = 1.0                  # mm/addmm/linear (a 3-D linear input is one flattened GEMM)
     return c
@@ -509,6 +517,8 @@ def _sdpa_cost(name, ins, outs, args, kwargs) -> Cost:
     c.transcendental_mix = {"exp": c.transcendentals}
     c.gemm_dtype = _dtype_name(q)
     c.gemm_calls = 2.0 * bh                 # per (batch, head): Q K^T and P V, blocked small GEMMs
+    if c.gemm_dtype == "float32":           # the whole call's measured rate where calibrated
+        c.gemm_dtype = ATTENTION_KEY
     return c
 
 

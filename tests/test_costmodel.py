@@ -285,7 +285,36 @@ def test_gemm_rate_curve():
     c = op_cost(aten.mm.default, [meta(64, 64), meta(64, 64)], meta(64, 64))
     assert c.gemm_time(hw) == pytest.approx(2 * 64 ** 3 / 20e9)
     b = op_cost(aten.bmm.default, [meta(16, 64, 64), meta(16, 64, 64)], meta(16, 64, 64))
+    # a profile without a bmm rate: each of the 16 problems at the fp32 GEMM rate
     assert b.gemm_calls == 16 and b.gemm_time(hw) == pytest.approx(16 * c.gemm_time(hw))
+
+
+def test_bmm_and_attention_use_their_measured_per_call_rates():
+    """Calibrated profiles carry per-call rate curves for bmm and for the SDPA behind fusion.attention
+    (head-shaped operands run far from the square-GEMM rate); without them the fp32 GEMM rate is used."""
+    import dataclasses
+
+    import fusion.ops  # noqa: F401  (torch.ops.fusion.attention)
+    from costmodel.egraph_cost import enode_cost
+    from costmodel.hardware import ATTENTION_KEY, BMM_KEY
+
+    hw = dataclasses.replace(HW, gemm_flops={**HW.gemm_flops, BMM_KEY: 50e9, ATTENTION_KEY: 400e9},
+                             gemm_curve={BMM_KEY: [[1e6, 10e9], [1e9, 50e9]]})
+    b = op_cost(aten.bmm.default, [meta(12, 512, 64), meta(12, 64, 512)], meta(12, 512, 512))
+    assert b.gemm_dtype == BMM_KEY
+    assert b.gemm_flops / 50e9 < b.gemm_time(hw) < b.gemm_flops / 10e9    # interpolated in the bmm curve
+    assert b.gemm_time(hw) > b.gemm_flops / HW.gemm_flops["float32"]        # slower than a square GEMM here
+    q = meta(1, 12, 512, 64)
+    a = op_cost(torch.ops.fusion.attention.default, [q, q, q], q, args=(q, q, q, None, 0.125, False))
+    assert a.gemm_dtype == ATTENTION_KEY and a.gemm_time(hw) == pytest.approx(a.gemm_flops / 400e9)
+    # the e-graph's price of the same calls agrees with the FX-level one
+    e = enode_cost("attention", [0.125, False], [list(q.shape)] * 3, list(q.shape), "float32")
+    assert e.gemm_dtype == ATTENTION_KEY and e.time(hw) == pytest.approx(a.time(hw), rel=0.05)
+    e = enode_cost("bmm", [], [[12, 512, 64], [12, 64, 512]], [12, 512, 512], "float32")
+    assert e.gemm_dtype == BMM_KEY and e.gemm_time(hw) == pytest.approx(b.gemm_time(hw))
+    # bf16 products keep their dtype's rate
+    assert op_cost(aten.bmm.default, [meta(2, 8, 8, dtype=torch.bfloat16)] * 2,
+                   meta(2, 8, 8, dtype=torch.bfloat16)).gemm_dtype == "bfloat16"
 
 
 def test_fusion_attention_causal_flag():
@@ -342,7 +371,8 @@ def test_calibration_stores_and_reloads(tmp_path, monkeypatch):
     assert path.is_file()
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     for v in (hw.copy_bandwidth, hw.cache_bandwidth, hw.vector_flops, hw.transcendental_rate,
-              hw.gemm_flops["float32"], hw.aten_overhead, hw.kernel_overhead):
+              hw.gemm_flops["float32"], hw.aten_overhead, hw.kernel_overhead,
+              hw.gemm_flops["float32_bmm"], hw.gemm_flops["float32_attention"]):
         assert v > 0
     assert hw.measured and hw.key == cal.machine_key()
     cal._MEMO.clear()

@@ -244,3 +244,27 @@ def test_runtime_causal_mask_detection_is_exact():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
         got = torch.ops.fusion.attention(q, k, v, mask, 0.3, False)
         assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_the_measured_rates_decide_between_attention_and_bmm_softmax_bmm():
+    """Whether one attention call beats bmm + softmax + bmm is the cost model's call, from the measured
+    per-call rates of both (calibrate._attention_curves): at S=1024 with rates like this machine's
+    (bmm ~0.5x the square-GEMM rate, SDPA's blocked kernel at it) attention wins; were SDPA 10x slower
+    than the products, the unfused form would stay."""
+    import dataclasses
+
+    from costmodel.egraph_cost import DEFAULT_PROFILE as base
+    from costmodel.hardware import ATTENTION_KEY, BMM_KEY
+
+    rates = lambda bmm, attn: dataclasses.replace(   # noqa: E731
+        base, gemm_flops={**base.gemm_flops, BMM_KEY: bmm, ATTENTION_KEY: attn},
+        gemm_curve={k: v for k, v in base.gemm_curve.items() if k not in (BMM_KEY, ATTENTION_KEY)})
+    fn = lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) * 0.125 + m, -1) @ v   # noqa: E731
+    q, k, v = qkv(1, 2, 1024, 1024, 64)
+    m = torch.randn(1, 1, 1, 1024)
+    gm, args = capture(Attn(fn), q, k, v, m)
+    fast = rewrite(gm, Config(), rates(100e9, 250e9))
+    slow = rewrite(gm, Config(), rates(100e9, 10e9))
+    assert n_attn(fast) == 1 and n_attn(slow) == 0
+    with torch.no_grad():
+        assert rel_err(fast.gm(*args)[0], fn(q, k, v, m)) <= 2e-5
