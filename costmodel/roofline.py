@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from costmodel.graph_walk import reaches
 from costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
 from costmodel.ops_table import (  # noqa: F401  (re-exported: tests and tools import them from here)
     _CONCAT, _CONV, _CREATE, _EMPTY, _GATHER, _GELU_TANH, _GEMM, _PW, _RED, _SCATTER, _SDPA, VIEW_OPS,
@@ -339,21 +340,10 @@ def _view_root(n: torch.fx.Node) -> torch.fx.Node:
 
 def _escapes(n: torch.fx.Node, inside: set) -> bool:
     """Is n's value used outside the kernel (by a non-view node not in it, or the graph output)?"""
-    stack, seen = list(n.users), set()
-    while stack:
-        u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        if u.op == "output":
-            return True
-        if u in inside:
-            continue
-        if is_view_node(u) or u.target is operator.getitem:
-            stack.extend(u.users)                      # views are free, look through them
-            continue
-        return True
-    return False
+    def view(u: torch.fx.Node) -> bool:               # views are free, look through them
+        return u not in inside and (is_view_node(u) or u.target is operator.getitem)
+
+    return reaches(n, lambda u: u.op == "output" or (u not in inside and not view(u)), view)
 
 
 def kernel_cost(nodes) -> Cost:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from costmodel.graph_walk import reaches
 from fusion import kernel_cache, progress, runtime
 from fusion import schedule as S
 from fusion.codegen import cpp
@@ -177,18 +178,7 @@ _ALIASING = {
 
 def _aliases_output_or_input(n: fx.Node) -> bool:
     """True if n (through view-like users) is a graph output, or n is (through views) a graph input."""
-    seen, stack = set(), [n]
-    while stack:
-        u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        for w in u.users:
-            if w.op == "output":
-                return True
-            if w.op != "call_function" or w.target in _ALIASING:
-                stack.append(w)
-    return False
+    return reaches(n, lambda w: w.op == "output", lambda w: w.op != "call_function" or w.target in _ALIASING)
 
 
 def _from_input(n: Any) -> bool:

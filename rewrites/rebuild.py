@@ -17,6 +17,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import fusion.ops  # noqa: F401  (registers torch.ops.fusion.*)
 from costmodel.extract import EGraphExport, ENode, Ref
+from costmodel.graph_walk import reaches
 from rewrites.egraph import LOGICAL
 from rewrites.errors import RewriteError
 from rewrites.insert import ABSENT, CHECK_ONLY, Inserted, Scalar, Shape
@@ -48,17 +49,8 @@ _PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
 
 def _feeds_matrix_product(n: Node) -> bool:
     """n is an operand of a matrix product, directly or through views and copies of it."""
-    stack, seen = list(n.users), set()
-    while stack:
-        u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        if u.target in _PRODUCTS:
-            return True
-        if u.target in _LAYOUT.values() or u.target in (aten.clone.default, aten._unsafe_view.default):
-            stack.extend(u.users)
-    return False
+    return reaches(n, lambda u: u.target in _PRODUCTS,
+                   lambda u: u.target in _LAYOUT.values() or u.target in (aten.clone.default, aten._unsafe_view.default))
 
 _LAYOUT = {"view": aten.view.default, "expand": aten.expand.default, "permute": aten.permute.default,
            "unsqueeze": aten.unsqueeze.default}

@@ -43,6 +43,8 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from costmodel.graph_walk import reaches
+
 aten = torch.ops.aten
 RULE = "shared_matmul"
 #: Python cost of one call of the merged op on the lowered program (fusion.stacked.stacked_linear_impl: the
@@ -68,18 +70,8 @@ def _fp32_cpu(v: Any, dim: int) -> bool:
 
 
 def _reaches_output(n: fx.Node) -> bool:
-    seen, stack = set(), [n]
-    while stack:
-        u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        for w in u.users:
-            if w.op == "output":
-                return True
-            if w.op == "call_function" and (w.target is operator.getitem or _is_view(w.target)):
-                stack.append(w)
-    return False
+    return reaches(n, lambda w: w.op == "output",
+                   lambda w: w.op == "call_function" and (w.target is operator.getitem or _is_view(w.target)))
 
 
 def _is_view(target: Any) -> bool:
