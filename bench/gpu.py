@@ -15,9 +15,9 @@ Variants:
   inductor  torch.compile(fn) (default mode)
   fusion    micro/attention/gemm: the fusion kernels themselves: the function is captured on the CPU
             in fp32 (torch.export -> normalize -> rewrites when available), scheduled into KernelIR,
-            rendered to Triton (fusion.codegen.triton_lower.lower_to_triton) and then called with the
+            rendered to Triton (fusion.backends.triton.lower.lower_to_triton) and then called with the
             CUDA tensors (the kernels are device- and dtype-agnostic); attention runs
-            fusion.codegen.triton_attention, GEMM+epilogue fusion.codegen.triton_gemm.linear_epilogue.
+            fusion.backends.triton.attention, GEMM+epilogue fusion.backends.triton.gemm.linear_epilogue.
             models: fusion.optimize(model, inputs) as users call it (Triton kernels only once lower.py
             picks the Triton backend on CUDA; the "kernels" column shows how many it made).
 """
@@ -142,14 +142,14 @@ class _Fn(torch.nn.Module):
 def fusion_triton(fn, shapes, cache_dir=None):
     """fn captured on CPU fp32 (the scheduler's dtypes), lowered to Triton kernels; (callable, #kernels)."""
     from fusion.capture import normalize
-    from fusion.codegen.triton_lower import lower_to_triton
+    from fusion.backends.triton.lower import lower_to_triton
     from fusion.config import Config
 
     cpu = tuple(torch.randn(s) for s in shapes)
     gm = normalize(torch.export.export(_Fn(fn), cpu).run_decompositions().graph_module)
     cfg = Config(cache_dir=cache_dir)
     try:
-        import rewrites
+        from fusion import rewrite as rewrites
 
         gm = rewrites.rewrite(gm, cfg).gm
     except Exception as e:  # noqa: BLE001 - the rewrite stage is optional here
@@ -218,7 +218,7 @@ class Bench:
                     self.add("micro", name, v, f, xs, ref, mb, kernels=nk)
 
     def attention(self):
-        from fusion.codegen.triton_attention import triton_attention
+        from fusion.backends.triton.attention import triton_attention
 
         B, H, S, D = (1, 2, 32, 16) if self.dry else (4, 16, 2048, 64)
         g = torch.Generator().manual_seed(0)
@@ -244,7 +244,7 @@ class Bench:
                          (q, k, v), ref, mb, kernels=1)
 
     def gemm(self):
-        from fusion.codegen import triton_gemm as TG
+        from fusion.backends.triton import gemm as TG
 
         M, N, K = (32, 48, 64) if self.dry else (8192, 4096, 1024)
         g = torch.Generator().manual_seed(0)

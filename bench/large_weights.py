@@ -6,7 +6,7 @@ measurement in its own process so peak-RSS figures do not mix:
     python bench/large_weights.py            # all phases, prints a table (add --markdown for BENCHMARKS.md)
 
 phases: fusion-cold (optimize with an empty cache), fusion-warm (new process, other weights, same cache:
-a structural-cache hit, fusion/structural.py),
+a structural-cache hit, fusion/store/structural.py),
 inductor (torch.compile first call), load (fusion.load of the saved program vs mmap+touch of the file),
 repro (size of the weight-free reproducer and its replay).
 """
@@ -130,7 +130,7 @@ def phase(name: str, workdir: str) -> dict:
             ref = model(ids).last_hidden_state
         out["rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
         if name == "fusion-cold":
-            from fusion import repro
+            from fusion.store import repro
 
             t0 = time.perf_counter()
             opt.save(os.path.join(workdir, "program"))
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     # machine set-up, once per machine (not per model): the hardware profile. "cold" below means an empty
     # graph and kernel cache on a calibrated machine.
-    subprocess.run([sys.executable, "-m", "costmodel.calibrate"], env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "fusion.costmodel.calibrate"], env=env, capture_output=True)
     for ph in ("fusion-cold", "fusion-warm", "inductor", "load"):
         r = subprocess.run([sys.executable, __file__, "--phase", ph, "--workdir", workdir], env=env,
                            capture_output=True, text=True)

@@ -8,7 +8,7 @@ Per case and variant: warm-up, then the median of N calls timed with time.perf_c
 --budget seconds, at least --min-repeat), compile time = the first call of the compiled function,
 relative error max|a-b|/max|b| against eager. Micro cases also report the achieved bandwidth: the
 minimal bytes (inputs read once + output written once) / time, in GB/s and as a fraction of the
-calibrated copy bandwidth (costmodel.calibrate.load_or_calibrate()).
+calibrated copy bandwidth (fusion.costmodel.profile_store.load_or_calibrate()).
 
 torch.set_num_threads(--threads, default 2), torch.no_grad(). The fusion backend may be absent or
 failing: its column then says "error: ...". A FusionFallbackWarning during compile marks the result
@@ -51,8 +51,8 @@ def _short(e: BaseException) -> str:
 
 def bandwidth_figures(nbytes: float, seconds: float, copy_bw: float) -> dict:
     """GB/s and the fraction of the calibrated copy bandwidth (MBU) of `nbytes` moved in `seconds`:
-    the same functions fusion.analyze uses for its MBU column (costmodel.hardware.mbu)."""
-    from costmodel.hardware import achieved_bandwidth, mbu
+    the same functions fusion.analyze uses for its MBU column (fusion.costmodel.hardware.mbu)."""
+    from fusion.costmodel.hardware import achieved_bandwidth, mbu
 
     return {"gbps": achieved_bandwidth(nbytes, seconds) / 1e9, "frac_copy_bw": mbu(nbytes, seconds, copy_bw)}
 
@@ -122,7 +122,7 @@ def predict(fn, inputs, hw) -> dict:
     and the whole graph as ONE fused kernel (kernel_cost), in seconds."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from costmodel.roofline import graph_time, kernel_cost
+    from fusion.costmodel.roofline import graph_time, kernel_cost
 
     gm = make_fx(fn, tracing_mode="fake")(*inputs)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = (MICRO if args.micro or not args.models else []) + (MODELS if args.models or not args.micro else [])
 
-    from costmodel.calibrate import load_or_calibrate
+    from fusion.costmodel.profile_store import load_or_calibrate
 
     hw = load_or_calibrate()
     env = (f"torch {torch.__version__}, {args.threads} threads, {hw.name}, calibrated copy bandwidth "

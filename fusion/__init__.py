@@ -5,14 +5,14 @@
     print(opt.explain()); opt.report()
     fusion.analyze(model, example_inputs); fusion.compare(model, example_inputs)   # analysis, before/after
 """
-from fusion import ops  # noqa: F401  (registers torch.ops.fusion.*)
-from fusion import stacked  # noqa: F401  (registers torch.ops.fusion.stacked_linear)
-from fusion.analysis import Analysis, analyze
+from fusion.dialect import ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.dialect import stacked  # noqa: F401  (registers torch.ops.fusion.stacked_linear)
+from fusion.analysis.analyze import Analysis, analyze
 from fusion.api import OptimizedModule, optimize
-from fusion.comparison import Comparison, compare
-from fusion.backend import fusion_backend, register as _register_backend
+from fusion.analysis.compare import Comparison, compare
+from fusion.torch_compile import fusion_backend, register as _register_backend
 from fusion.config import Config, ConfigError
-from fusion.program import LoadedProgram, load
+from fusion.store.program import LoadedProgram, load
 from fusion.errors import FusionError, FusionFallbackWarning, FusionInputError
 
 __all__ = [
@@ -41,7 +41,7 @@ _register_backend()
 def explain_last(n: int = 1) -> str:
     """explain() of the last `n` graphs compiled in this process (e.g. by torch.compile(backend="fusion"))."""
     from fusion.pipeline import RECENT
-    from fusion.reporting import explain_text
+    from fusion.analysis.explain import explain_text
 
     return "\n".join(explain_text("torch.compile", c) for c in RECENT[-n:])
 

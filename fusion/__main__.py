@@ -65,7 +65,7 @@ def load_model(spec: str, input_shapes: list[str] | None = None):
     """(model in eval mode, example inputs as a tuple) for MODEL (see the module docstring)."""
     import torch
 
-    from fusion.workloads import WORKLOADS
+    from fusion.workloads.blocks import WORKLOADS
 
     if spec in WORKLOADS:
         make, inputs = WORKLOADS[spec]
@@ -160,7 +160,7 @@ def demo(argv: list[str]) -> int:
     """Eager vs Inductor vs fusion on the built-in transformer blocks, in one process."""
     import torch
 
-    from fusion.workloads import WORKLOADS
+    from fusion.workloads.blocks import WORKLOADS
 
     p = _parser("demo", demo.__doc__, model=False)
     p.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
@@ -259,7 +259,7 @@ def analyze(argv: list[str]) -> int:
         print(json.dumps(dict(an.to_dict(), memory=mem), indent=1, default=str))
         return 0
     print(an.table(top=a.top))
-    from fusion.memory import fmt_bytes
+    from fusion.analysis.memory import fmt_bytes
 
     for m in mem:
         print(f"batch {m['batch']} x seq {m['seq']}: weights {fmt_bytes(m['weights'])}, activations "
@@ -273,7 +273,7 @@ def analyze(argv: list[str]) -> int:
 def repro(argv: list[str]) -> int:
     """`dump MODEL FILE`: a weight-free reproducer; `replay FILE`: run it again."""
     import fusion
-    from fusion import repro as rp
+    from fusion.store import repro as rp
 
     p = argparse.ArgumentParser(prog="python -m fusion repro")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -323,7 +323,7 @@ def bench(argv: list[str]) -> int:
 
 def calibrate(argv: list[str]) -> int:
     """Measure this machine (bandwidth, GEMM, transcendentals, overheads) for the cost model."""
-    from costmodel.calibrate import main as calibrate_main
+    from fusion.costmodel.profile_store import main as calibrate_main
 
     return calibrate_main(argv) or 0
 

@@ -1,6 +1,6 @@
 """`fusion.optimize`: capture a model, compile its graph, return a module that runs the fused program.
 
-Before capturing, the structural cache is consulted (fusion/structural.py): a module whose computation,
+Before capturing, the structural cache is consulted (fusion/store/structural.py): a module whose computation,
 traced on fake tensors, matches a program compiled before (any weights) reuses it without capture. Capture
 then tries `torch.export` (one whole graph, weights lifted to placeholders bound by name). Models
 export cannot take (data-dependent Python, outputs of unregistered types such as HF caches) are captured
@@ -16,12 +16,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fusion import structural
+from fusion.store import structural
 from fusion.capture import Captured, capture_module, check_inputs
 from fusion.config import Config
 from fusion.errors import FusionInputError, warn_fallback
 from fusion.pipeline import CompiledGraph, compile_graph
-from fusion.reporting import explain_text, format_table, kernel_table
+from fusion.analysis.explain import explain_text, format_table, kernel_table
 
 
 class OptimizedModule(torch.nn.Module):
@@ -51,7 +51,7 @@ class OptimizedModule(torch.nn.Module):
 
     # -- construction ----------------------------------------------------------------------------
     def _from_structural_cache(self, args: Sequence[Any], kwargs: dict) -> tuple[bool, str | None]:
-        """Look the module up in the structural cache before capturing it (fusion/structural.py).
+        """Look the module up in the structural cache before capturing it (fusion/store/structural.py).
         Returns (hit, key): on a hit the variant is ready; on a miss, `key` is where to store it."""
         if kwargs:
             return False, None
@@ -96,10 +96,10 @@ class OptimizedModule(torch.nn.Module):
         self._variants[_signature(args, kwargs)] = (captured, accessors, graph)
 
     def _stack_weights(self, graph: CompiledGraph, accessors: list[Any]) -> None:
-        """The weights of each merged product group (`fusion.stacked_linear`, rewrites/shared_matmul.py) become
-        adjacent rows of one block, in place, group by group (fusion.stacked.make_adjacent), so the merged
+        """The weights of each merged product group (`fusion.stacked_linear`, fusion/passes/merge.py) become
+        adjacent rows of one block, in place, group by group (fusion.dialect.stacked.make_adjacent), so the merged
         GEMM reads them as one zero-copy view. A group that cannot be moved runs as separate GEMMs (correct)."""
-        from fusion.stacked import groups_of, make_adjacent
+        from fusion.dialect.stacked import groups_of, make_adjacent
 
         groups = groups_of(graph.gm)
         if not groups:
@@ -118,7 +118,7 @@ class OptimizedModule(torch.nn.Module):
                               what_runs="those products run as separate GEMMs")
 
     def _use_dynamo(self) -> None:
-        from fusion.backend import fusion_backend
+        from fusion.torch_compile import fusion_backend
 
         self.capture_method = "dynamo"
         backend = functools.partial(fusion_backend, options=self.config, on_compiled=self.graphs.append)
@@ -191,7 +191,7 @@ class OptimizedModule(torch.nn.Module):
 
     def save(self, path: str) -> Any:
         """Write the program (readable JSON + Python), and the weights as safetensors, to directory `path`."""
-        from fusion.program import save_program
+        from fusion.store.program import save_program
 
         return save_program(self, path)
 

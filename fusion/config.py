@@ -29,11 +29,11 @@ class Config:
     cache_dir:     where compiled kernels and profiles live; None = $FUSION_CACHE_DIR or ~/.cache/fusion.
     fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
     verbose:       print each pass and its timing.
-    structural_cache: look the module up in the structural cache before capturing it (fusion/structural.py):
+    structural_cache: look the module up in the structural cache before capturing it (fusion/store/structural.py):
                    the same architecture optimized before, with any weights, skips torch.export, rewriting
                    and lowering. The key is the module's computation traced on fake tensors, never weights.
                    Under torch.compile it also turns on the warm path for inference graphs Dynamo compiled
-                   before (fusion/dynamo_cache.py: keyed by the Dynamo graph's code; skips AOTAutograd).
+                   before (fusion/store/dynamo_cache.py: keyed by the Dynamo graph's code; skips AOTAutograd).
     """
 
     approximate: frozenset[str] = frozenset()

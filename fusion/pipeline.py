@@ -1,8 +1,13 @@
-"""The compiler, top to bottom: one named pass after another, each a graph in and a graph out.
+"""The compiler, top to bottom: a table of named passes, each a graph in and a `PassResult` (graph + info) out.
 
-    normalize  ATen graph            -> fusion dialect            (capture.normalize)
-    rewrite    fusion dialect        -> fusion dialect, fused ops (rewrites.rewrite: e-graph, saturate, extract)
-    lower      fusion dialect        -> kernels + ATen calls      (lower.lower_to_kernels: schedule, codegen, build)
+    normalize    ATen graph        -> fusion dialect                 capture.normalize
+    rewrite      fusion dialect    -> fusion dialect, fused ops      rewrite.rewrite: e-graph, saturate, extract
+    approximate  fused ops         -> int8 / bf16 / ReLU attention   approx (opt-in, guarded on the inputs)
+    merge        matmuls sharing an input -> one GEMM + split        passes.merge (where the cost model says so)
+    prepare      clean-ups that pay off only with kernels             passes.prepare
+    lower        graph             -> kernel plan (IR + call specs)  lower.plan_kernels (schedule, kernel IR)
+    build        kernel plan       -> kernels bound into the graph   backends.<cpp|triton>.build + lower.bind_kernels
+    gemm         fp32 CPU products -> the GEMM library measured fastest  passes.gemm
 
 Every pass may fail on a graph we have never seen. Then the pass is skipped with ONE warning naming the
 stage and the error, and the program runs on what the previous pass produced (ultimately the original
@@ -21,6 +26,7 @@ from fusion import progress
 from fusion.capture import normalize
 from fusion.config import Config
 from fusion.errors import warn_fallback
+from fusion.passes.prepare import prepare
 
 
 GraphOrBuilder = Union[fx.GraphModule, Callable[[], fx.GraphModule]]
@@ -46,7 +52,8 @@ class CompileLog:
     kernels: list = field(default_factory=list)       # lower.KernelInfo
     fallbacks: list[str] = field(default_factory=list)
     approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
-    onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/gemm.py)
+    backend: str = ""                                    # the backend that built the kernels (fusion.backends)
+    onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name)
@@ -70,6 +77,12 @@ class CompileLog:
         if config.verbose:
             print(f"[fusion] {self.label}: {name} {self.passes[-1].seconds * 1e3:.1f} ms")
         return out
+
+    def record(self, info: dict) -> None:
+        """Merge what a pass reports into the log: dicts (rules fired, stats) merge, the rest replaces."""
+        for k, v in info.items():
+            old = getattr(self, k)
+            setattr(self, k, {**old, **v} if isinstance(old, dict) and isinstance(v, dict) else v)
 
     @property
     def seconds(self) -> float:
@@ -140,62 +153,186 @@ class CompiledGraph:
         return self.gm.code
 
 
+@dataclass
+class PassResult:
+    """What every pass returns: the graph it made (None: unchanged) and what it did (merged into the log)."""
+
+    gm: fx.GraphModule | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What the passes read besides the graph, and the graphs the driver keeps as fallbacks."""
+
+    config: Config
+    hw: Any
+    log: CompileLog
+    weights: dict | None = None
+    example_args: list | None = None
+    stackable: frozenset[str] | None = None
+    hold_weights: bool = False
+    original: fx.GraphModule | None = None     # the captured graph (after approximate: the converted one)
+    rewritten: fx.GraphModule | None = None    # the program before lowering: the run-time fallback
+    unprepared: fx.GraphModule | None = None   # before prepare: kept when lowering makes no kernel
+    plan: Any = None                           # lower.KernelPlan, from lower to build
+    backend: Any = None                        # backends.Backend, chosen by lower
+
+
+def normalize_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    return PassResult(normalize(gm))
+
+
+def rewrite_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    exact = ctx.config
+    if "relu_attention" in exact.approximate:  # keep softmax visible to the approximate rule
+        exact = exact.replace(disable_rules=exact.disable_rules | {"attention"})
+    result = _rewrite(gm, exact, ctx.hw)
+    return PassResult(result.gm, {"fired": result.fired, "rewrite_stats": result.stats})
+
+
+def approximate_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    approx = _approximate(gm, ctx.config, ctx.weights, ctx.example_args, ctx.hold_weights)
+    if approx is None:
+        _check_exact_fallback(ctx.weights)
+        return PassResult()
+    # weights are now int8/bf16 in place: the exact graphs are no longer valid fallbacks
+    ctx.original = approx.gm
+    return PassResult(approx.gm, {"approx": approx})
+
+
+def merge_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    merged = _merge(gm, ctx.hw, ctx.stackable)
+    info: dict = {"fired": merged.fired} if merged.fired else {}
+    if merged.decisions:
+        info["rewrite_stats"] = {"shared_matmul": merged.decisions}
+    return PassResult(merged.gm if merged.fired else None, info)
+
+
+def prepare_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    ctx.unprepared = gm
+    return PassResult(prepare(gm))
+
+
+def lower_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    from fusion import backends, lower  # here, so that a broken or missing stage is a fallback, not an import error
+
+    ctx.backend = backends.choose(gm, ctx.config)
+    ctx.plan = lower.plan_kernels(gm, ctx.backend.devices(ctx.config), ctx.hw if ctx.backend.costed else None)
+    return PassResult(None, {"backend": ctx.backend.name})
+
+
+def build_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    from fusion import lower
+
+    plan = ctx.plan
+    if not plan.irs:
+        return PassResult(ctx.unprepared)
+    lowered = lower.bind_kernels(plan, ctx.backend.build(plan.irs, plan.specs, ctx.config))
+    return PassResult(lowered.gm, {"kernels": lowered.kernels})
+
+
+def gemm_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    from fusion.passes.gemm import lower_stacked_linears, use_onednn_gemms
+
+    gm, _ = lower_stacked_linears(gm, ctx.hw)     # merged shared-input products (fusion/dialect/stacked.py)
+    gm, moved = use_onednn_gemms(gm, ctx.hw)      # a new module when it changes anything
+    return PassResult(gm, {"onednn_gemms": moved})
+
+
+def _approximating(ctx: Context) -> bool:
+    return bool(ctx.config.approximate) and ctx.weights is not None and ctx.example_args is not None
+
+
+def _merging(ctx: Context) -> bool:
+    return bool(ctx.stackable) and ctx.hw is not None and "shared_matmul" not in ctx.config.disable_rules \
+        and not ctx.config.approximate & {"int8", "bf16"}      # those rewrite the linears themselves
+
+
+def _lowering(ctx: Context) -> bool:
+    return ctx.config.codegen != "aten"
+
+
+def _planned(ctx: Context) -> bool:
+    return ctx.plan is not None
+
+
+def _same(ctx: Context, gm: fx.GraphModule) -> fx.GraphModule:
+    return gm
+
+
+def _unlowered(ctx: Context, gm: fx.GraphModule) -> fx.GraphModule:
+    return ctx.unprepared if ctx.unprepared is not None else gm
+
+
+def _exact(ctx: Context, gm: fx.GraphModule) -> fx.GraphModule:
+    _check_exact_fallback(ctx.weights)
+    return gm
+
+
+Pass = Callable[[fx.GraphModule, Context], PassResult]
+
+#: the compiler: (name, pass, runs when, the graph a failure falls back to), in order. A pass that
+#: fails is skipped with one warning and the program goes on from its fallback graph.
+PASSES: list[tuple[str, Pass, Callable[[Context], bool], Callable[[Context, fx.GraphModule], fx.GraphModule]]] = [
+    ("normalize", normalize_pass, lambda ctx: True, _same),
+    ("rewrite", rewrite_pass, lambda ctx: ctx.config.rewrites, _same),
+    ("approximate", approximate_pass, _approximating, _exact),
+    ("merge", merge_pass, _merging, _same),
+    ("prepare", prepare_pass, _lowering, _unlowered),
+    ("lower", lower_pass, _lowering, _unlowered),
+    ("build", build_pass, _planned, _unlowered),
+    ("gemm", gemm_pass, lambda ctx: True, _same),
+]
+
+#: the passes whose graph is the program as rewritten (before lowering): the run-time fallback
+_BEFORE_LOWERING = ("normalize", "rewrite", "approximate", "merge")
+
+
 def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None,
                   weights: dict | None = None, example_args: list | None = None,
                   stackable: frozenset[str] | None = None, hold_weights: bool = False) -> CompiledGraph:
-    """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels.
+    """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels:
+    the passes of `PASSES` in order — normalize, rewrite, approximate, merge, prepare, lower, build, gemm.
 
     `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
     needed only by the approximate stage, which measures accuracy and converts weights in place (or, with
     `hold_weights` — torch.compile — holds the converted weights and releases the fp32 ones: approx/held.py).
     `stackable`: placeholders (parameters) the caller makes adjacent in place when the program merges their
-    products (fusion.optimize: `fusion.stacked.make_adjacent`); only they can be merged (`shared_matmul`).
+    products (fusion.optimize: `fusion.dialect.stacked.make_adjacent`); only they can be merged (`passes.merge`).
     """
     log = CompileLog(label, num_nodes=len(gm.graph.nodes))
-    original = gm
-    hw = hw if hw is not None else hardware(config)
-
-    gm = log.run("normalize", normalize, gm, config=config, fallback=gm)
-
-    if config.rewrites:
-        exact = config
-        if "relu_attention" in config.approximate:  # keep softmax visible to the approximate rule
-            exact = config.replace(disable_rules=config.disable_rules | {"attention"})
-        result = log.run("rewrite", _rewrite, gm, exact, hw, config=config, fallback=None)
-        if result is not None:
-            gm = result.gm
-            log.fired = result.fired
-            log.rewrite_stats = result.stats
-    rewritten = gm
-
-    if config.approximate and weights is not None and example_args is not None:
-        approx = log.run("approximate", _approximate, gm, config, weights, example_args, hold_weights,
-                         config=config, fallback=None)
-        if approx is None:
-            _check_exact_fallback(weights)
-        if approx is not None:
-            # weights are now int8/bf16 in place: the exact graphs are no longer valid fallbacks
-            gm = rewritten = original = approx.gm
-            log.approx = approx
-
-    if stackable and hw is not None and "shared_matmul" not in config.disable_rules \
-            and not config.approximate & {"int8", "bf16"}:      # those rewrite the linears themselves
-        merged = log.run("merge", _merge, gm, hw, stackable, config=config, fallback=None)
-        if merged is not None and merged.fired:
-            gm = rewritten = merged.gm
-            log.fired = {**log.fired, **merged.fired}
-        if merged is not None and merged.decisions:
-            log.rewrite_stats = {**log.rewrite_stats, "shared_matmul": merged.decisions}
-
-    if config.codegen != "aten":
-        lowered = log.run("lower", _lower, gm, config, hw, config=config, fallback=None)
-        if lowered is not None:
-            gm = lowered.gm
-            log.kernels = lowered.kernels
-
-    gm = log.run("gemm", _gemm, gm, hw, log, config=config, fallback=gm)
-
+    ctx = Context(config, hw if hw is not None else hardware(config), log, weights, example_args, stackable,
+                  hold_weights, original=gm)
+    for name, run, when, fallback in PASSES:
+        if not when(ctx):
+            continue
+        result = log.run(name, run, gm, ctx, config=config, fallback=None)
+        if result is None:
+            gm = fallback(ctx, gm)
+        else:
+            gm = result.gm if result.gm is not None else gm
+            log.record(result.info)
+        if name in _BEFORE_LOWERING:
+            ctx.rewritten = gm
+    rewritten = ctx.rewritten if ctx.rewritten is not None else gm
+    original = ctx.original
     return remember(CompiledGraph(gm, rewritten if rewritten is not gm else original, log, config, rewritten, original))
+
+
+def lower_to_kernels(gm: fx.GraphModule, config: Config | None = None, hw: Any = None) -> Any:
+    """The driver's prepare -> lower -> build passes on one graph, without the others (tests, tools): a
+    lower.LowerResult (gm itself and no kernels when nothing is worth a kernel)."""
+    from fusion.lower import LowerResult
+
+    config = config or Config()
+    ctx = Context(config, hw, CompileLog("lower"))
+    if not _lowering(ctx):
+        return LowerResult(gm, [])
+    prepared = prepare_pass(gm, ctx).gm or gm
+    lower_pass(prepared, ctx)
+    built = build_pass(prepared, ctx)
+    return LowerResult(built.gm or gm, built.info.get("kernels", []))
 
 
 @dataclass
@@ -208,9 +345,10 @@ class CachedRewrite:
 def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
     """The e-graph stage, memoised on disk by graph structure + shapes + config + versions (never weights):
     a second process optimizing the same architecture skips saturation and extraction."""
-    import rewrites  # imported here so that a broken or missing stage is a fallback, not an import error
+    from fusion import rewrite as rewrites  # imported here so that a broken or missing stage is a fallback, not an import error
 
-    from fusion import cache, serialize
+    from fusion.store import cache
+    from fusion.store import serialize
 
     try:
         key = serialize.graph_key(gm, config.key(), cache.versions())
@@ -235,8 +373,8 @@ def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
 
 
 def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str]) -> Any:
-    """Shared-input matmuls -> one GEMM + split where the cost model predicts it faster (rewrites/shared_matmul.py)."""
-    from rewrites.shared_matmul import merge_shared_matmuls
+    """Shared-input matmuls -> one GEMM + split where the cost model predicts it faster (fusion/passes/merge.py)."""
+    from fusion.passes.merge import merge_shared_matmuls
 
     return merge_shared_matmuls(gm, hw, stackable)
 
@@ -265,21 +403,6 @@ def _check_exact_fallback(weights: dict) -> None:
             "as a fallback either; see the warning above")
 
 
-def _gemm(gm: fx.GraphModule, hw: Any, log: CompileLog) -> fx.GraphModule:
-    """fp32 CPU matrix products to the faster GEMM library by the profile (fusion/gemm.py)."""
-    from fusion.gemm import lower_stacked_linears, use_onednn_gemms
-
-    gm, _ = lower_stacked_linears(gm, hw)              # merged shared-input products (fusion/stacked.py)
-    gm, log.onednn_gemms = use_onednn_gemms(gm, hw)    # a new module when it changes anything
-    return gm
-
-
-def _lower(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
-    from fusion import lower
-
-    return lower.lower_to_kernels(gm, config, hw)
-
-
 #: the most recent compile logs (newest last), for `fusion.explain_last()` after torch.compile.
 RECENT: list[CompiledGraph] = []
 
@@ -295,7 +418,7 @@ def hardware(config: Config) -> Any:
     try:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        from costmodel import current_profile
+        from fusion.costmodel import current_profile
 
         # Inside torch.compile the backend runs under AOTAutograd's fake mode; measuring the machine
         # needs real tensors, so calibration (once per machine, then read from disk) steps out of it.

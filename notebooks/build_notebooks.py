@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 QUICKSTART = [
     ("md", "# fusion quickstart\n\nReference model → optimized program → correctness check → time. "
            "Everything runs on the CPU in fp32 with 2 threads."),
-    ("code", "import time, torch, fusion\nfrom fusion.workloads import BertBlock, bert_block_inputs\n"
+    ("code", "import time, torch, fusion\nfrom fusion.workloads.blocks import BertBlock, bert_block_inputs\n"
              "torch.set_num_threads(2); torch.manual_seed(0)\n"
              "model = BertBlock(d=256, heads=4, ffn=1024).eval()\nx, mask = bert_block_inputs(batch=4, seq=128, d=256)"),
     ("md", "## Optimize\n`fusion.optimize` captures the model with `torch.export`, rewrites the hand-written "
@@ -41,19 +41,19 @@ EGRAPH = [
     ("md", "# The e-graph and the rules\n\nA hand-written softmax and layer norm go into egglog as terms; "
            "weights and inputs are leaves referenced by name. We look at what fired, then switch a rule "
            "family off and watch the predicted cost change."),
-    ("code", "import torch, torch.nn as nn, fusion, rewrites\nfrom fusion.capture import capture_module\n\n"
+    ("code", "import torch, torch.nn as nn, fusion\nfrom fusion.capture import capture_module\nfrom fusion.rewrite import rewrite\n\n"
              "class M(nn.Module):\n    def __init__(self):\n        super().__init__(); self.w = nn.Parameter(torch.ones(64)); self.b = nn.Parameter(torch.zeros(64))\n"
              "    def forward(self, x):\n        e = (x - x.amax(-1, keepdim=True)).exp()\n        p = e / e.sum(-1, keepdim=True)\n"
              "        mu = p.mean(-1, keepdim=True); var = ((p - mu) ** 2).mean(-1, keepdim=True)\n"
              "        return (p - mu) / torch.sqrt(var + 1e-5) * self.w + self.b\n\n"
              "x = torch.randn(32, 64)\ncap = capture_module(M().eval(), (x,))\nprint(cap.gm.code)"),
     ("md", "## Saturate and extract"),
-    ("code", "result = rewrites.rewrite(cap.gm, fusion.Config())\nfor rule, nodes in result.fired.items():\n"
+    ("code", "result = rewrite(cap.gm, fusion.Config())\nfor rule, nodes in result.fired.items():\n"
              "    print(f'{rule:<24} on {nodes}')\nprint({k: v for k, v in result.stats.items() if not isinstance(v, (dict, list))})\n"
              "print(result.gm.code)"),
     ("md", "## Ablation: switch the softmax family off"),
     ("code", "for disabled in [frozenset(), frozenset({'softmax'}), frozenset({'layer_norm'}), frozenset({'softmax', 'layer_norm'})]:\n"
-             "    r = rewrites.rewrite(capture_module(M().eval(), (x,)).gm, fusion.Config(disable_rules=disabled))\n"
+             "    r = rewrite(capture_module(M().eval(), (x,)).gm, fusion.Config(disable_rules=disabled))\n"
              "    fused = [n for n in r.gm.graph.nodes if n.op == 'call_function' and ('softmax' in str(n.target) or 'layer_norm' in str(n.target))]\n"
              "    label = ', '.join(sorted(disabled)) or 'nothing'\n"
              "    print(f\"disabled {label:<22} predicted cost {r.stats['cost_before']*1e6:8.1f} us -> {r.stats['cost_after']*1e6:8.1f} us, fused ops {len(fused)}\")"),
@@ -63,7 +63,7 @@ ROOFLINE = [
     ("md", "# Cost model and roofline\n\n`fusion.analyze` gives FLOPs, bytes, arithmetic intensity, predicted "
            "and measured time, and MBU for every node. The roofline puts each node under this machine's "
            "measured bandwidth and GEMM roofs."),
-    ("code", "import torch, fusion\nfrom fusion.workloads import LlamaBlock\ntorch.set_num_threads(2); torch.manual_seed(0)\n"
+    ("code", "import torch, fusion\nfrom fusion.workloads.blocks import LlamaBlock\ntorch.set_num_threads(2); torch.manual_seed(0)\n"
              "model = LlamaBlock(d=256, heads=4, ffn=704).eval()\nx = torch.randn(4, 128, 256)\n"
              "a = fusion.analyze(model, (x,))\nprint(a.table(top=15))"),
     ("code", "from IPython.display import Image\na.roofline_plot('roofline.png', title='LLaMA-style block: nodes')\nImage('roofline.png')"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusion
 from fusion.errors import FusionInputError
-from fusion.workloads import BertBlock, LlamaBlock, bert_block_inputs
+from fusion.workloads.blocks import BertBlock, LlamaBlock, bert_block_inputs
 from tests.cli_models import TinyDecoder
 
 B, S, D, H, FFN = 4, 128, 768, 12, 3072   # the built-in BERT workload's shapes
@@ -217,7 +217,7 @@ def test_fused_kernel_mbu_agrees_with_the_bench(monkeypatch):
     function, and agrees with the bench's measured figure."""
     from bench.cases import _micro, min_bytes, softmax_hand
     from bench.run import bandwidth_figures, run_case
-    from costmodel.calibrate import load_or_calibrate
+    from fusion.costmodel.profile_store import load_or_calibrate
 
     class Softmax(nn.Module):
         def forward(self, x):

@@ -112,8 +112,8 @@ def test_bad_input_gets_a_clear_error(call, match):
 
 
 @pytest.mark.parametrize("stage, target", [
-    ("rewrite", "rewrites.rewrite"),
-    ("lower", "fusion.lower.lower_to_kernels"),
+    ("rewrite", "fusion.rewrite.rewrite"),
+    ("lower", "fusion.lower.plan_kernels"),
 ])
 def test_stage_failure_falls_back_with_one_warning(monkeypatch, tmp_path, stage, target, assert_close):
     import importlib

@@ -280,7 +280,7 @@ def test_public_api_runs_the_approximate_stage_and_explains_it():
     model.load_state_dict(ref_model.state_dict())
     opt = fusion.optimize(model, (x,), config=fusion.Config(approximate={"bf16"}, tolerance=0.05))
     passes = [p.name for p in opt.graphs[0].log.passes]
-    assert passes[:4] == ["normalize", "rewrite", "approximate", "lower"], passes   # (+ later passes)
+    assert passes[:6] == ["normalize", "rewrite", "approximate", "prepare", "lower", "build"], passes   # (+ later passes)
     err = ((opt(x) - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err <= 0.05  # changed (bf16 is not exact) but within tolerance
     assert "approximate rewrites" in opt.explain()
@@ -387,7 +387,7 @@ def test_torch_compile_options_approximate(kind, w8a8_first):
     (compiled,) = fusion.last_compiled()
     res = compiled.log.approx
     assert res is not None and res.applied and {s.kind for s in res.applied} == {kind}
-    assert [p.name for p in compiled.log.passes][:4] == ["normalize", "rewrite", "approximate", "lower"]
+    assert [p.name for p in compiled.log.passes][:6] == ["normalize", "rewrite", "approximate", "prepare", "lower", "build"]
     assert "approximate rewrites" in fusion.explain_last()
     opt = fusion.optimize(twin, (x,), config=cfg)                       # the same pass through fusion.optimize
     with torch.no_grad():
@@ -519,7 +519,7 @@ def _bf16_ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _lower_bf16(f, args, approximate=frozenset({"bf16"})):
-    from fusion.lower import lower_to_kernels
+    from fusion.pipeline import lower_to_kernels
     from tests.test_codegen import export
 
     return lower_to_kernels(export(f, args), fusion.Config(approximate=approximate))

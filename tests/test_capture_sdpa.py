@@ -66,8 +66,8 @@ def test_rebuilt_clone_is_contiguous():
     """The e-graph's `clone` makes its input contiguous (export's clone before a view): rebuilt with ATen's
     default memory format it kept a permuted input's strides, and the `view` after it failed at run time
     (all-MiniLM-L6-v2's decomposed attention, before capture kept SDPA)."""
-    from costmodel.extract import ENode, Ref
-    from rewrites.rebuild import call_of
+    from fusion.extract.ilp import ENode, Ref
+    from fusion.rewrite.rebuild import call_of
 
     target, args, kwargs = call_of(ENode.make(0, 0, "clone", (Ref(1),)), ["x"])
     assert target is torch.ops.aten.clone.default and kwargs == {"memory_format": torch.contiguous_format}

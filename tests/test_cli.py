@@ -41,7 +41,7 @@ def test_analyze_json_with_memory_plot(tmp_path):
 
 
 def test_optimize_model_only_factory_json_save_progress(tmp_path):
-    from costmodel.calibrate import load_or_calibrate, profile_path
+    from fusion.costmodel.profile_store import load_or_calibrate, profile_path
 
     load_or_calibrate()                        # a cold cache (every pass runs), with this machine's profile
     cold = tmp_path / "cache"
@@ -56,8 +56,8 @@ def test_optimize_model_only_factory_json_save_progress(tmp_path):
     assert cmp["after"]["bytes"] < cmp["before"]["bytes"]
     assert doc["kernels"] and all(k["measured_s"] for k in doc["kernels"])
     names = [p["name"] for p in doc["graphs"][0]["passes"] if p["name"] != "merge"]   # merge: shared-input matmuls
-    assert names[:3] == ["normalize", "rewrite", "lower"], names
-    for stage in ("capture", "normalize", "rewrite", "rewrite: saturate", "rewrite: extract", "lower", "done"):
+    assert names[:5] == ["normalize", "rewrite", "prepare", "lower", "build"], names
+    for stage in ("capture", "normalize", "rewrite", "rewrite: saturate", "rewrite: extract", "prepare", "lower", "build", "done"):
         assert stage in r.stderr                 # --progress: one line per pass when stderr is not a terminal
     assert doc["saved"] == str(out) and (out / "program.json").is_file()
     from tests.cli_models import tiny_model_only

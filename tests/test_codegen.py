@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusion.ops  # noqa: F401  (registers torch.ops.fusion.*)
-from fusion import kernel_cache
+import fusion.dialect.ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.backends.cpp import compiler as kernel_cache
 from fusion.config import Config
-from fusion.lower import CodegenError, lower_to_kernels
+from fusion.lower import CodegenError
+from fusion.passes.prepare import prepare
+from fusion.pipeline import lower_to_kernels
 
 pytestmark = pytest.mark.skipif(
     not any(os.access(os.path.join(p, "g++"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)),
@@ -434,7 +436,7 @@ def test_prepare_pass_clone_addmm_rotate_half(cfg):
     args = (torch.randn(32, 16), torch.randn(16, 24), torch.randn(24), torch.randn(4, 8, 24),
             torch.randn(2, 6, 3, 16).transpose(1, 2), torch.randn(6, 16), torch.randn(6, 16))
     gm = export(f, args)
-    prepared = lower._prepare(gm)
+    prepared = prepare(gm)
     code = prepared.code
     assert "aten.addmm" not in code and "aten.mm" in code and "rotate_half" in code
     assert code.count("aten.clone") == 2, code
@@ -447,5 +449,5 @@ def test_prepare_pass_clone_addmm_rotate_half(cfg):
     # K^T made contiguous only to be viewed for bmm: a reshape (no copy when strides allow)
     kt = lambda q, k: torch.softmax(torch.bmm(q, torch.exp(k).transpose(1, 2).contiguous().view(6, 8, 16)), -1) * 2
     qk = (torch.randn(6, 16, 8), torch.randn(6, 16, 8))
-    assert "aten.clone" not in lower._prepare(export(kt, qk)).code
+    assert "aten.clone" not in prepare(export(kt, qk)).code
     check(kt, qk, cfg)

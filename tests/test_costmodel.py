@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from costmodel import calibrate as cal
-from costmodel.hardware import HardwareProfile
-from costmodel.profiles import DATASHEET_PROFILES, get_profile
-from costmodel.roofline import Cost, graph_cost, graph_time, kernel_cost, node_cost, op_cost
+from fusion.costmodel import calibrate as cal
+from fusion.costmodel import hardware
+from fusion.costmodel import profile_store as store
+from fusion.costmodel.hardware import HardwareProfile
+from fusion.costmodel.datasheets import DATASHEET_PROFILES, get_profile
+from fusion.costmodel.roofline import Cost, graph_cost, graph_time, kernel_cost, node_cost, op_cost
 
 aten = torch.ops.aten
 
@@ -96,7 +98,7 @@ def test_fused_ops_one_read_one_write():
         c = op_cost(target, ins, meta(64, 128), args=(x, -1, False))
         assert c.bytes == 2 * 64 * 128 * 4, target
         assert c.transcendentals == tr, target
-    import fusion.ops  # noqa: F401  (registers torch.ops.fusion.*)
+    import fusion.dialect.ops  # noqa: F401  (registers torch.ops.fusion.*)
 
     w, b = meta(128), meta(128)
     c = op_cost(torch.ops.fusion.layer_norm.default, [x, w, b], meta(64, 128))
@@ -205,7 +207,7 @@ def test_cost_add_and_time():
 
 def test_transformer_graph_has_no_unknown_ops():
     transformers = pytest.importorskip("transformers")
-    from costmodel.roofline import _CONCAT, _CREATE, _EMPTY, _GATHER, _GEMM, _PW, _RED, _SCATTER, _SDPA, is_view_target, op_name
+    from fusion.costmodel.roofline import _CONCAT, _CREATE, _EMPTY, _GATHER, _GEMM, _PW, _RED, _SCATTER, _SDPA, is_view_target, op_name
 
     cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
                                   vocab_size=100, attn_implementation="eager")
@@ -272,7 +274,7 @@ def test_parallel_regions_and_view_calls():
 def test_gemm_rate_curve():
     import dataclasses
 
-    from costmodel.roofline import gemm_rate
+    from fusion.costmodel.roofline import gemm_rate
 
     curve = [[2 * 64 ** 3, 20e9], [2 * 256 ** 3, 100e9], [2 * 1024 ** 3, 200e9]]
     assert gemm_rate(curve, 2 * 1024 ** 3 * 8, 200e9) == 200e9
@@ -294,9 +296,9 @@ def test_bmm_and_attention_use_their_measured_per_call_rates():
     (head-shaped operands run far from the square-GEMM rate); without them the fp32 GEMM rate is used."""
     import dataclasses
 
-    import fusion.ops  # noqa: F401  (torch.ops.fusion.attention)
-    from costmodel.egraph_cost import enode_cost
-    from costmodel.hardware import ATTENTION_KEY, BMM_KEY
+    import fusion.dialect.ops  # noqa: F401  (torch.ops.fusion.attention)
+    from fusion.extract.pricing import enode_cost
+    from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY
 
     hw = dataclasses.replace(HW, gemm_flops={**HW.gemm_flops, BMM_KEY: 50e9, ATTENTION_KEY: 400e9},
                              gemm_curve={BMM_KEY: [[1e6, 10e9], [1e9, 50e9]]})
@@ -331,7 +333,7 @@ def test_program_cost_counts_views_and_kernels():
     import dataclasses
     from types import SimpleNamespace
 
-    from costmodel.program_cost import graph_program_time, kernel_info_cost, program_cost
+    from fusion.costmodel.program_cost import graph_program_time, kernel_info_cost, program_cost
 
     gm = trace(lambda x: softmax_hand(x.view(-1, 64)).t(), torch.randn(8, 64))
     costs = dict(program_cost(gm))
@@ -349,57 +351,57 @@ def test_program_cost_counts_views_and_kernels():
 def test_old_profile_schema_is_remeasured(tmp_path, monkeypatch):
     import dataclasses
 
-    cal._MEMO.clear()
-    path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
-    cal.save_profile(dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1), path)   # schema 0
-    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, kernel_overhead=3e-6,
+    store._MEMO.clear()
+    path = tmp_path / "profiles" / f"{hardware.machine_key()}.json"
+    store.save_profile(dataclasses.replace(HW, key=hardware.machine_key(), calibration_load=0.1), path)   # schema 0
+    fresh = dataclasses.replace(HW, key=hardware.machine_key(), calibration_load=0.1, kernel_overhead=3e-6,
                                 schema=cal.SCHEMA)
     monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: fresh)
-    monkeypatch.setattr(cal, "_load_average", lambda: 99.0)     # busy: keep the old numbers for now
-    assert cal.load_or_calibrate(str(tmp_path)).kernel_overhead == HW.kernel_overhead
-    cal._MEMO.clear()
-    monkeypatch.setattr(cal, "_load_average", lambda: 0.0)      # quiet: re-measure
-    assert cal.load_or_calibrate(str(tmp_path)).kernel_overhead == 3e-6
-    cal._MEMO.clear()
+    monkeypatch.setattr(hardware, "load_average", lambda: 99.0)     # busy: keep the old numbers for now
+    assert store.load_or_calibrate(str(tmp_path)).kernel_overhead == HW.kernel_overhead
+    store._MEMO.clear()
+    monkeypatch.setattr(hardware, "load_average", lambda: 0.0)      # quiet: re-measure
+    assert store.load_or_calibrate(str(tmp_path)).kernel_overhead == 3e-6
+    store._MEMO.clear()
 
 
 # ---------------------------------------------------------------------------------------------- calibration
 def test_calibration_stores_and_reloads(tmp_path, monkeypatch):
-    cal._MEMO.clear()
-    hw = cal.load_or_calibrate(str(tmp_path), scale=0.02)
-    path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
+    store._MEMO.clear()
+    hw = store.load_or_calibrate(str(tmp_path), scale=0.02)
+    path = tmp_path / "profiles" / f"{hardware.machine_key()}.json"
     assert path.is_file()
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     for v in (hw.copy_bandwidth, hw.cache_bandwidth, hw.vector_flops, hw.transcendental_rate,
               hw.gemm_flops["float32"], hw.aten_overhead, hw.kernel_overhead,
               hw.gemm_flops["float32_bmm"], hw.gemm_flops["float32_attention"]):
         assert v > 0
-    assert hw.measured and hw.key == cal.machine_key()
-    cal._MEMO.clear()
+    assert hw.measured and hw.key == hardware.machine_key()
+    store._MEMO.clear()
 
     def boom(*a, **k):
         raise AssertionError("re-measured although a stored profile exists")
 
     monkeypatch.setattr(cal, "calibrate", boom)
-    again = cal.load_or_calibrate(str(tmp_path))
+    again = store.load_or_calibrate(str(tmp_path))
     assert again == hw
     assert not list(path.parent.glob(".tmp-*"))
 
 
 def test_calibration_env_dir_and_corrupt_file(tmp_path, monkeypatch):
-    cal._MEMO.clear()
+    store._MEMO.clear()
     monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path))
-    path = cal.profile_path(None)
+    path = store.profile_path(None)
     assert str(path).startswith(str(tmp_path))
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    hw = cal.load_or_calibrate(None, scale=0.02)
+    hw = store.load_or_calibrate(None, scale=0.02)
     assert json.loads(path.read_text())["copy_bandwidth"] == hw.copy_bandwidth
-    cal._MEMO.clear()
+    store._MEMO.clear()
 
 
 def test_profile_table_prints():
-    text = cal.format_profile(HW)
+    text = store.format_profile(HW)
     assert "copy bandwidth" in text and "GEMM float32" in text
 
 
@@ -420,20 +422,20 @@ def test_noisy_profile_is_kept_until_forced(tmp_path, monkeypatch):
     would hide a 256 MB, multi-second measurement there); force=True re-measures."""
     import dataclasses
 
-    cal._MEMO.clear()
-    path = tmp_path / "profiles" / f"{cal.machine_key()}.json"
-    noisy = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=99.0, copy_bandwidth=1e9, schema=cal.SCHEMA)
-    cal.save_profile(noisy, path)
-    fresh = dataclasses.replace(HW, key=cal.machine_key(), calibration_load=0.1, copy_bandwidth=40e9, schema=cal.SCHEMA)
+    store._MEMO.clear()
+    path = tmp_path / "profiles" / f"{hardware.machine_key()}.json"
+    noisy = dataclasses.replace(HW, key=hardware.machine_key(), calibration_load=99.0, copy_bandwidth=1e9, schema=cal.SCHEMA)
+    store.save_profile(noisy, path)
+    fresh = dataclasses.replace(HW, key=hardware.machine_key(), calibration_load=0.1, copy_bandwidth=40e9, schema=cal.SCHEMA)
     calls = []
     monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calls.append(1) or fresh)
-    monkeypatch.setattr(cal, "_load_average", lambda: 0.0)
-    hw = cal.load_or_calibrate(str(tmp_path))
+    monkeypatch.setattr(hardware, "load_average", lambda: 0.0)
+    hw = store.load_or_calibrate(str(tmp_path))
     assert hw.copy_bandwidth == 1e9 and calls == []
-    cal._MEMO.clear()
-    hw = cal.load_or_calibrate(str(tmp_path), force=True)
+    store._MEMO.clear()
+    hw = store.load_or_calibrate(str(tmp_path), force=True)
     assert hw.copy_bandwidth == 40e9 and calls == [1]
-    cal._MEMO.clear()
+    store._MEMO.clear()
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -443,7 +445,7 @@ def test_bench_script_smoke(tmp_path, monkeypatch, capsys):
     from bench import run
 
     monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path))
-    cal._MEMO.clear()
+    store._MEMO.clear()
     monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: HW)
 
     real = run.compile_variant
@@ -462,4 +464,4 @@ def test_bench_script_smoke(tmp_path, monkeypatch, capsys):
     assert case["results"]["eager"]["median_s"] > 0 and case["min_bytes"] > 0
     assert case["results"]["fusion"]["error"].startswith("RuntimeError: backend not built yet")
     assert "error: RuntimeError" in capsys.readouterr().out
-    cal._MEMO.clear()
+    store._MEMO.clear()

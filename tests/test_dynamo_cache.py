@@ -1,4 +1,4 @@
-"""torch.compile's warm path (fusion/dynamo_cache.py): an inference graph Dynamo compiled before runs its
+"""torch.compile's warm path (fusion/store/dynamo_cache.py): an inference graph Dynamo compiled before runs its
 stored program without AOTAutograd — and only graphs for which that is the identical computation."""
 from pathlib import Path
 

@@ -11,27 +11,15 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
-import rewrites
-from costmodel.egraph_cost import DEFAULT_PROFILE
-from costmodel.extract import (
-    EGraphExport,
-    ENode,
-    FusionCosts,
-    Ref,
-    dag_cost,
-    export_egraph,
-    extract,
-    extract_greedy,
-    extract_ilp,
-    fused_cost,
-    materialised,
-)
+from fusion import extract as extraction
+from fusion.extract.pricing import DEFAULT_PROFILE
+from fusion.extract.ilp import EGraphExport, ENode, FusionCosts, Ref, dag_cost, export_egraph, extract, extract_greedy, extract_ilp, fused_cost, materialised
 from fusion.config import Config
-from rewrites import rewrite
-from rewrites.insert import insert
-from rewrites.rebuild import original_enodes
-from rewrites.rules import FAMILIES
-from rewrites.saturate import saturate
+from fusion.rewrite import rewrite
+from fusion.rewrite.insert import insert
+from fusion.rewrite.rebuild import original_enodes
+from fusion.rewrite.rules import FAMILIES
+from fusion.rewrite.saturate import saturate
 
 aten = torch.ops.aten
 
@@ -118,7 +106,7 @@ def test_shared_matmul_is_computed_once():
     ins = insert(gm)
     saturate(ins.egraph, list(FAMILIES.values()), 12, 100_000, 5.0)
     ex = export_egraph(ins.egraph)
-    costs = rewrites.node_costs(ex, None)
+    costs = extraction.node_costs(ex, None)
     roots = [ex.lets[n.name] for n in ins.roots]
     greedy, ilp = extract_greedy(ex, roots, costs), extract_ilp(ex, roots, costs, 5.0)
     chosen_ops = lambda e: sorted(ex.nodes[j].op for j in e.choice.values())
@@ -144,12 +132,12 @@ def test_never_returns_a_program_predicted_costlier(monkeypatch):
             return x * torch.sigmoid(x)
 
     gm, _ = capture(M(), torch.randn(4, 8))
-    real = rewrites.node_costs
+    real = extraction.node_costs
 
     def fused_is_dear(ex, hw):
         return [c * (1000 if ex.nodes[j].op == "silu" else 1) for j, c in enumerate(real(ex, hw))]
 
-    monkeypatch.setattr(rewrites, "node_costs", fused_is_dear)
+    monkeypatch.setattr(extraction, "node_costs", fused_is_dear)
     r = rewrite(gm, Config())
     assert r.gm is gm and r.fired == {}
     assert r.stats["cost_after"] <= r.stats["cost_before"]
@@ -355,7 +343,7 @@ import resource, sys, time
 sys.path.insert(0, {root!r})
 from tests.test_extract import chain
 from fusion.config import Config
-from rewrites import rewrite
+from fusion.rewrite import rewrite
 gm = chain(42)
 with open("/proc/self/status") as f:
     base = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))

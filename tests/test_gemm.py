@@ -1,4 +1,4 @@
-"""GEMM library choice (fusion/gemm.py): fp32 CPU mm/addmm -> oneDNN's linear when the profile says it
+"""GEMM library choice (fusion/passes/gemm.py): fp32 CPU mm/addmm -> oneDNN's linear when the profile says it
 is faster; same results as eager, weights passed as they are (never copied), the rest untouched."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from costmodel.egraph_cost import DEFAULT_PROFILE
-from fusion.gemm import ONEDNN_KEY, onednn_linear, use_onednn_gemms
+from fusion.extract.pricing import DEFAULT_PROFILE
+from fusion.passes.gemm import ONEDNN_KEY, onednn_linear, use_onednn_gemms
 
 from .conftest import rel_err
 

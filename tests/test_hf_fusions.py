@@ -12,7 +12,7 @@ import torch
 
 import fusion
 from fusion.config import Config
-from fusion.ops import FUSED_OPS
+from fusion.dialect.ops import FUSED_OPS
 
 transformers = pytest.importorskip("transformers")
 LAYERS = 2

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import fusion
-from fusion import cache, repro, serialize
+from fusion.store import cache
+from fusion.store import repro
+from fusion.store import serialize
 from fusion.capture import capture_module
-from fusion.weights import load_safetensors_mmap, save_safetensors
+from fusion.store.weights import load_safetensors_mmap, save_safetensors
 from tests.test_api import Block
 
 

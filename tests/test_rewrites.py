@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.export.graph_signature import InputKind
 
-import fusion.ops  # noqa: F401
+import fusion.dialect.ops  # noqa: F401
 from fusion.config import Config
-from rewrites import RewriteError, rewrite
+from fusion.rewrite import RewriteError, rewrite
 
 aten = torch.ops.aten
 FUSED = {
@@ -394,9 +394,9 @@ def test_conflicting_shape_fails_loudly():
     """`shape` has no merge: two shapes for one e-class is an error, not a silent choice."""
     from egglog import Vec, i64, set_
 
-    from rewrites.egraph import Tensor, shape
-    from rewrites.insert import insert
-    from rewrites.rules import analysis
+    from fusion.rewrite.egraph import Tensor, shape
+    from fusion.rewrite.insert import insert
+    from fusion.rewrite.rules import analysis
     gm, _ = capture(Fn(lambda m, x: torch.exp(x) * 2.0), torch.randn(3, 4))
     ins = insert(gm)
     with pytest.raises(Exception, match="(?i)merge"):

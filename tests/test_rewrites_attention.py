@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fusion.config import Config
-from rewrites import rewrite
+from fusion.rewrite import rewrite
 from tests.test_rewrites import capture, rel_err
 
 ATTN = torch.ops.fusion.attention.default
@@ -228,7 +228,7 @@ def test_bf16_attention_matches_eager_within_bf16():
 
 def test_runtime_causal_mask_detection_is_exact():
     """fusion.attention takes SDPA's causal path only when the mask is exactly causal; results agree."""
-    import fusion.ops as ops
+    import fusion.dialect.ops as ops
 
     torch.manual_seed(0)
     S, L = 9, 9
@@ -253,8 +253,8 @@ def test_the_measured_rates_decide_between_attention_and_bmm_softmax_bmm():
     than the products, the unfused form would stay."""
     import dataclasses
 
-    from costmodel.egraph_cost import DEFAULT_PROFILE as base
-    from costmodel.hardware import ATTENTION_KEY, BMM_KEY
+    from fusion.extract.pricing import DEFAULT_PROFILE as base
+    from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY
 
     rates = lambda bmm, attn: dataclasses.replace(   # noqa: E731
         base, gemm_flops={**base.gemm_flops, BMM_KEY: bmm, ATTENTION_KEY: attn},

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fusion.ops  # noqa: F401
+import fusion.dialect.ops  # noqa: F401
 from fusion.config import Config
-from fusion.lower import lower_to_kernels
-from rewrites import rewrite
+from fusion.pipeline import lower_to_kernels
+from fusion.rewrite import rewrite
 from tests.test_rewrites import FUSED, ONE, Fn, capture, check, counts, rel_err
 
 aten = torch.ops.aten

@@ -1,11 +1,11 @@
-"""Grouping decisions of fusion.schedule (no compilation)."""
+"""Grouping decisions of fusion.lower.schedule (no compilation)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import fusion.ops  # noqa: F401
-from fusion import schedule as S
+import fusion.dialect.ops  # noqa: F401
+from fusion.lower import schedule as S
 
 
 class Fn(torch.nn.Module):
@@ -105,7 +105,7 @@ def test_symbolic_shapes_compare_structurally():
 
 
 def test_worth_a_kernel_with_hardware_profile():
-    from costmodel.hardware import HardwareProfile
+    from fusion.costmodel.hardware import HardwareProfile
     hw = HardwareProfile(name="t", copy_bandwidth=40e9, cache_bandwidth=100e9, llc_bytes=32 << 20,
                          gemm_flops={"float32": 1e12}, vector_flops=1e11, transcendental_rate=1e10,
                          kernel_overhead=5e-6, aten_overhead=4e-6, page_fault_bandwidth=8e9)

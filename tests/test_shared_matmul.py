@@ -1,4 +1,4 @@
-"""Shared-input matmul merging (rewrites/shared_matmul.py, fusion/stacked.py): several linears on one input
+"""Shared-input matmul merging (fusion/passes/merge.py, fusion/dialect/stacked.py): several linears on one input
 become one GEMM + split where the cost model says so, over weights made adjacent IN PLACE (never copied).
 
 Most tests force the cost model's verdict (`forced`) to test the mechanism on small shapes; the verdict
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import fusion
-import fusion.stacked as stacked
-import rewrites.shared_matmul as sm
+import fusion.dialect.stacked as stacked
+import fusion.passes.merge as sm
 from fusion.config import Config
 from tests.conftest import rel_err
 
@@ -258,7 +258,7 @@ def test_explain_lists_the_rule_and_the_prediction(forced, tmp_path):
 def test_cost_model_decides():
     """The verdict follows the profile: per-call costs and a library with a fixed cost per call favour one
     GEMM; with free calls and a flat GEMM rate the merged op's own overheads make it lose."""
-    from costmodel.hardware import HardwareProfile
+    from fusion.costmodel.hardware import HardwareProfile
 
     base = dict(name="t", copy_bandwidth=40e9, cache_bandwidth=150e9, llc_bytes=32 << 20, vector_flops=25e9,
                 transcendental_rate=1e9, page_fault_bandwidth=0.0)
@@ -284,7 +284,7 @@ def test_cost_model_decides():
         fast = sm.predict(group, onednn)
         assert fast["merged"] and fast["library"] == "onednn", fast
         # at least the fixed costs of the calls saved, less the merged op's own (its call, one view per output)
-        from fusion.gemm import EXTRA_CALL_S
+        from fusion.passes.gemm import EXTRA_CALL_S
         n = len(widths)
         saved = (n - 1) * (EXTRA_CALL_S + 1.5e-6) - sm.STACKED_CALL_S - n * 1.5e-6
         assert fast["separate_s"] - fast["merged_s"] >= saved - 1e-9

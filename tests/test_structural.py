@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion
-from fusion import repro, structural
+from fusion.store import repro
+from fusion.store import structural
 from fusion.errors import FusionFallbackWarning
 from tests.test_api import Block
 
@@ -130,7 +131,7 @@ def test_a_corrupt_or_stale_entry_is_dropped_quietly(tmp_path):
     raw = json.loads(entry.read_text())
     payload = json.loads(raw["payload"])
     payload["artifact"]["kernels"][0]["name"] = "no_such_kernel"  # consistent checksum, unusable content
-    from fusion import cache
+    from fusion.store import cache
 
     cache.write_json(entry, payload)
     with warnings.catch_warnings():
@@ -202,7 +203,8 @@ def test_a_hit_never_reads_weight_data(tmp_path):
 
 
 def test_load_runs_no_lowering(tmp_path, monkeypatch):
-    from fusion import lower, pipeline
+    from fusion import pipeline
+    from fusion import lower
 
     m = Block().eval()
     x = torch.randn(2, 8, 32)
@@ -211,7 +213,7 @@ def test_load_runs_no_lowering(tmp_path, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("load must not lower or compile the graph")
 
-    monkeypatch.setattr(lower, "lower_to_kernels", forbidden)
+    monkeypatch.setattr(lower, "plan_kernels", forbidden)
     monkeypatch.setattr(pipeline, "compile_graph", forbidden)
     loaded = fusion.load(tmp_path / "prog", config=fusion.Config(cache_dir=str(tmp_path / "c")))
     assert _rel(loaded(x), m(x)) <= 1e-5

@@ -1,4 +1,4 @@
-"""Reductions over several trailing dims, multi-dim layer norm and group norm (normalize, fusion/trailing.py):
+"""Reductions over several trailing dims, multi-dim layer norm and group norm (normalize, fusion/capture/trailing.py):
 they become last-dim forms between flattening views, so the norm rules fire and the row kernels apply.
 Each case runs through `fusion.optimize` and `torch.compile(backend="fusion")` and is compared with eager;
 negative cases (non-trailing dims, a strided input) stay as they were and stay correct."""

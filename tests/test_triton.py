@@ -1,9 +1,9 @@
-"""Triton kernels (fusion.codegen.triton*) vs eager, run by the Triton interpreter on CPU tensors.
+"""Triton kernels (fusion.backends.triton.render*) vs eager, run by the Triton interpreter on CPU tensors.
 
 TRITON_INTERPRET=1 is set before triton is imported, so every @triton.jit kernel (generated row /
 pointwise kernels, attention, GEMM + epilogue) runs as numpy on the CPU: this checks correctness, not
 speed (bench/gpu.py measures speed on a GPU). Kernel IR comes from the real pipeline:
-torch.export -> run_decompositions -> fusion.capture.normalize -> fusion.schedule -> fusion.codegen.prims.
+torch.export -> run_decompositions -> fusion.capture.normalize -> fusion.lower.schedule -> fusion.lower.kernel_ir.
 The scheduler only groups fp32 nodes, so fp16/bf16 cases export in fp32 and call the same kernels with
 half-precision tensors (outputs take the inputs' dtype, arithmetic is fp32 inside the kernel).
 """
@@ -20,18 +20,13 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
-import fusion.ops  # noqa: F401
+import fusion.dialect.ops  # noqa: F401
 from fusion.capture import normalize
-from fusion.codegen import triton_runtime as TR
-from fusion.codegen.triton import render_triton
-from fusion.codegen.triton_attention import triton_attention
-from fusion.codegen.triton_gemm import (
-    choose_strategy,
-    linear_epilogue,
-    triton_linear_epilogue,
-    vendor_linear_epilogue,
-)
-from fusion.codegen.triton_lower import build_kernels, lower_to_triton
+from fusion.backends.triton import runtime as TR
+from fusion.backends.triton.render import render_triton
+from fusion.backends.triton.attention import triton_attention
+from fusion.backends.triton.gemm import choose_strategy, linear_epilogue, triton_linear_epilogue, vendor_linear_epilogue
+from fusion.backends.triton.lower import build_kernels, lower_to_triton
 from fusion.config import Config
 
 # numpy warnings from masked-off lanes (rows past the end of a row block, padded query rows): harmless

@@ -1,7 +1,7 @@
-"""costmodel.validate: the predicted-vs-measured machinery on a few small programs (--quick, < 60 s).
+"""fusion.analysis.validate: the predicted-vs-measured machinery on a few small programs (--quick, < 60 s).
 
 Timing on shared CI machines is noisy, so the accuracy targets (Spearman >= 0.8, median relative
-error <= 30 %, checked by `python -m costmodel.validate` on a quiet machine) are asserted loosely here,
+error <= 30 %, checked by `python -m fusion.analysis.validate` on a quiet machine) are asserted loosely here,
 and the run uses ONE thread and the process CPU clock (profile measured the same way), which other
 processes cannot inflate: with 2 threads on a loaded machine OpenMP barriers make timings 10-100x off.
 """
@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from costmodel import validate as V
+from fusion.analysis import validate as V
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def raw_bf16_gemms(g: fx.Graph, fake_mode: Any) -> int:
     (``add(y_bf16, bias)``, fp32 as before) that the lowering fuses into that kernel, which then reads bf16:
     the epilogue pass (read bf16, write fp32) and the fp32 tensor are gone. The values are the same bits
     (the fp32 sum of the bf16 GEMM result and the bias, in the consumer's kernel instead of the epilogue)."""
-    from fusion import schedule as S
+    from fusion.lower import schedule as S
 
     devices = ("cpu", S.CPU_BF16)
     changed = 0

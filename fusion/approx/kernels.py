@@ -16,7 +16,7 @@ saves. These kernels do each in ONE pass (a row is read once into L1 and reused)
         act(float(y) + bias) of a bf16 GEMM's output (the bf16 linear: bias and activation in fp32, one pass;
         bf16 out when the next consumer is another bf16 GEMM).
 
-Compiled once per machine with the project's kernel cache (`fusion.kernel_cache`: g++ -O3 -march=native,
+Compiled once per machine with the project's kernel cache (`fusion.backends.cpp.compiler`: g++ -O3 -march=native,
 OpenMP); `available()` is False when no compiler works, and `fusion.approx.ops` then uses ATen ops.
 """
 from __future__ import annotations
@@ -152,7 +152,7 @@ def library() -> Optional[ctypes.CDLL]:
     with _lock:
         if _lib is None and _failed is None:
             try:
-                from fusion import kernel_cache
+                from fusion.backends.cpp import compiler as kernel_cache
 
                 lib = kernel_cache.load(kernel_cache.build(SOURCE)[1])
                 P, I = ctypes.c_void_p, ctypes.c_int64

@@ -231,13 +231,13 @@ def _int8_weight_only_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Opti
         w = _dequantize(w_q, w_scale, kn, x2.dtype)
         b = None if bias is None else bias.to(x2.dtype)
         linear = _onednn_linear() if x2.dtype == torch.float32 else None
-        # oneDNN's fp32 GEMM where there is one (on AMD CPUs ~2x MKL's AVX2 path, see fusion/gemm.py)
+        # oneDNN's fp32 GEMM where there is one (on AMD CPUs ~2x MKL's AVX2 path, see fusion/passes/gemm.py)
         y = linear(x2, w.contiguous(), b, "none", [], "") if linear is not None else torch.nn.functional.linear(x2, w, b)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _onednn_linear():
-    from fusion.gemm import onednn_linear
+    from fusion.passes.gemm import onednn_linear
 
     return onednn_linear()
 
@@ -254,7 +254,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], kn: bool)
     return x.new_empty((*x.shape[:-1], n))
 
 
-#: ops this package adds, with a short name for reports (like fusion.ops.FUSED_OPS)
+#: ops this package adds, with a short name for reports (like fusion.dialect.ops.FUSED_OPS)
 APPROX_OPS: dict[object, str] = {
     torch.ops.fusion.quantize_weight_int8.default: "quantize_weight_int8",
     torch.ops.fusion.quantize_rows.default: "quantize_rows",

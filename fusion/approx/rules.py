@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from fusion.dialect.values import hint
 from fusion.approx import ops as approx_ops  # noqa: F401  (registers torch.ops.fusion.int8_*)
 from fusion.approx.cost import int8_ladder
 
@@ -63,15 +64,6 @@ _SCORE_OPS = {
 
 def val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else n
-
-
-def hint(x: Any) -> int:
-    """A concrete value for a size that may be symbolic (torch.compile's dynamic shapes), without a guard."""
-    if isinstance(x, int):
-        return x
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-    return int(optimization_hint(x))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""Before/after: the captured ATen graph run op by op vs the optimized program (fused kernels + ATen calls).
+
+    cmp = fusion.compare(model, example_inputs)      # optimizes, then analyses both programs
+    cmp = fusion.compare(opt)                        # an existing fusion.optimize result
+    cmp = fusion.analyze(model, x).compare(fusion.analyze(opt))
+    print(cmp); cmp.to_dict(); cmp.roofline_plot("before_after.png")
+
+Both sides are counted with the same cost model (fusion/costmodel/program_cost.py) and timed the same way:
+each call alone as the graph runs node by node (summed: "measured, sum of calls"), and the whole graph
+module end to end (median of `repeat` calls after a warm-up) when `fusion.compare` measured it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fusion import progress
+from fusion.analysis.analyze import analyze, build, program_inputs
+from fusion.analysis.comparison import Comparison, _median_time
+from fusion.config import Config
+
+
+def compare(model: torch.nn.Module, example_inputs: Any = None, config: Config | None = None, *,
+            measure: bool = True, repeat: int = 3, end_to_end_repeat: int = 10) -> Comparison:
+    """Optimize `model` (or take a `fusion.optimize` result) and compare the captured ATen graph, run op by
+    op, with the optimized program: kernels, bytes, FLOPs, predicted and measured time."""
+    from fusion.api import OptimizedModule, optimize
+
+    opt = model if isinstance(model, OptimizedModule) else optimize(model, example_inputs, config)
+    inputs, args = program_inputs(opt, example_inputs)
+    g = opt.graphs[0]
+    after = analyze(opt, inputs, measure=measure, repeat=repeat)
+    progress.stage("measure: the captured graph, each ATen call alone")
+    before = build(g.source_gm, args if measure else None, after.hw, opt.original, inputs,
+                   opt._captured.input_bindings, type(opt.original).__name__, repeat=repeat)
+    e2e = {}
+    if measure:
+        progress.stage("measure: both programs end to end")
+        e2e = {"before": _median_time(g.source_gm, args, end_to_end_repeat),
+               "after": _median_time(g.gm, args, end_to_end_repeat)}
+    return Comparison(before, after, e2e)

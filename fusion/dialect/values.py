@@ -1,0 +1,76 @@
+"""Values of the dialect's graphs: a node's FakeTensor, and sizes that may be symbolic.
+
+One answer everywhere for a size: the scheduler, the cost model and the approximate stage all size a
+symbolic dim with `hint` (its example value under torch.compile's dynamic shapes; `UNKNOWN_SIZE` for a
+size with no example, such as an unbacked one), so they never price and schedule one shape differently.
+None of these add a guard.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+#: the size taken for a symbolic dim without an example value (unbacked): a typical short sequence
+UNKNOWN_SIZE = 128
+
+
+def hint(d: Any, default: int = UNKNOWN_SIZE) -> int:
+    """A size as an int: ints as they are, SymInts by their example value, anything else `default`."""
+    if isinstance(d, int):
+        return d
+    node = getattr(d, "node", None)
+    if node is None:
+        try:
+            return int(d)
+        except (TypeError, ValueError):
+            return default
+    try:
+        if getattr(node, "is_constant", lambda: False)():
+            return int(node.maybe_as_int())
+        if getattr(node, "hint", None) is not None:
+            return int(node.hint)
+        env = getattr(node, "shape_env", None)
+        h = env.size_hint(node.expr, allow_none=True) if env is not None else None
+        return int(h) if h is not None else default
+    except Exception:  # noqa: BLE001 - an expression the shape env cannot size
+        return default
+
+
+def _key(d: Any) -> Any:
+    if isinstance(d, torch.SymInt):
+        return ("sym", str(d.node.expr))
+    return ("int", int(d))
+
+
+def same_dim(a: Any, b: Any) -> bool:
+    return _key(a) == _key(b)
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
+
+
+def is_one(d: Any) -> bool:
+    return _key(d) == ("int", 1)
+
+
+def broadcastable(s, target) -> bool:
+    """Right-aligned broadcasting of shape s to target, without growing target."""
+    if len(s) > len(target):
+        return False
+    off = len(target) - len(s)
+    return all(is_one(x) or same_dim(x, target[off + i]) for i, x in enumerate(s))
+
+
+def tval(n: Any):
+    """The FakeTensor of a node (output 0 for native_layer_norm), or None."""
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("val")
+    if n.target is aten.native_layer_norm.default and isinstance(v, (tuple, list)):
+        v = v[0]
+    return v if isinstance(v, torch.Tensor) else None

@@ -1,0 +1,162 @@
+"""Saved programs: `OptimizedModule.save(dir)` and `fusion.load(dir)`.
+
+A saved program is a directory:
+    program.json         the rewritten graph (structure, shapes, dtypes — no weight data), how each
+                         placeholder is bound (weight name or user input), the output structure, the config,
+                         and the lowered program (fusion/store/artifact.py: the graph of kernel and ATen calls,
+                         each kernel's call specification)
+    kernels.cpp          the C++ source of the kernels (readable; compiled only if this machine's kernel
+                         cache does not hold the library built from it)
+    program.py           the rewritten program as readable Python (for people; not executed)
+    weights.safetensors  parameters, buffers and constants by name, written tensor by tensor
+Loading does no capture, rewriting, scheduling or code generation: it memory-maps the weights (nothing
+is read until used), binds the kernels from the kernel cache and rebuilds the lowered graph. Directories
+written before the lowered program was stored (format 1), or whose kernels cannot be restored, are
+recompiled from the rewritten graph instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fusion.config import Config
+from fusion.errors import FusionInputError
+from fusion.store.serialize import fake_placeholders, graph_from_dict, graph_to_dict
+from fusion.store.weights import load_safetensors_mmap, save_safetensors
+
+FORMAT = "fusion-program/2"
+READS = ("fusion-program/1", FORMAT)
+log = logging.getLogger("fusion.store.program")
+
+
+def save_program(opt: Any, path: str | Path) -> Path:
+    from fusion.store import artifact
+
+    if opt._captured is None or not opt.graphs:
+        raise FusionInputError(
+            "only programs captured whole by torch.export can be saved; this model was captured by "
+            f"{opt.capture_method!r}{opt.capture_note}. Make the model exportable (e.g. return plain tensors) to save it."
+        )
+    cap = opt._captured
+    graph = opt.graphs[0]
+    if graph.log.approx is not None:
+        raise FusionInputError(
+            "saving a program with approximate rewrites (Config.approximate) is not supported yet: its "
+            "weights were converted in place (int8/bf16) and its graph holds quantization constants. Save the "
+            "exact program (optimize without `approximate`) or keep this optimized module in memory.")
+    try:
+        graph_dict = graph_to_dict(graph.program_gm)
+    except TypeError as e:
+        raise FusionInputError(f"this program cannot be saved: {e}") from None
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for (kind, name), acc in zip(cap.input_bindings, opt._accessors):
+        if acc is not None:
+            weights[name] = acc()
+    save_safetensors(weights, out / "weights.safetensors")
+    try:
+        out_spec = artifact.dump_spec(cap.out_spec)
+    except TypeError as e:
+        raise FusionInputError(str(e)) from None
+    cfg = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in opt.config.__dict__.items()}
+    program = {
+        "format": FORMAT,
+        "model": type(opt.original).__name__,
+        "graph": graph_dict,
+        "bindings": cap.input_bindings,
+        "buffer_mutations": {str(k): v for k, v in cap.buffer_mutations.items()},
+        "out_spec": out_spec,
+        "config": cfg,
+        "fired": graph.log.fired,
+    }
+    try:
+        dumped = artifact.dump(graph)
+    except (OSError, TypeError, ValueError) as e:  # e.g. the kernel cache was cleaned: load will recompile
+        log.debug("save %s: lowered program not stored (%s: %s)", out, type(e).__name__, e)
+        dumped = None
+    for old in out.glob("kernels*.cpp"):
+        old.unlink()
+    if dumped is not None:
+        lowered, sources = dumped
+        lowered = {k: v for k, v in lowered.items() if k not in ("program", "source")}  # "graph" above
+        program["lowered"] = lowered
+        program["sources"] = [f"kernels{'_%d' % i if i else ''}.cpp" for i in range(len(sources))]
+        for name, text in zip(program["sources"], sources):
+            (out / name).write_text(text)
+    (out / "program.json").write_text(json.dumps(program, indent=1))
+    (out / "program.py").write_text(f"# {type(opt.original).__name__}, optimized by fusion (rewritten graph)\n"
+                                    + graph.program_gm.code)
+    return out
+
+
+class LoadedProgram(torch.nn.Module):
+    """A saved program, callable with the model's user inputs; weights stay memory-mapped."""
+
+    def __init__(self, path: str | Path, config: Config | None = None):
+        super().__init__()
+        path = Path(path)
+        data = json.loads((path / "program.json").read_text())
+        if data.get("format") not in READS:
+            raise FusionInputError(f"{path} is not a fusion program directory (format {data.get('format')!r})")
+        self.weights = load_safetensors_mmap(path / "weights.safetensors")
+        self.bindings = [tuple(b) for b in data["bindings"]]
+        self.buffer_mutations = {int(k): v for k, v in data["buffer_mutations"].items()}
+        self._out_spec_data = data["out_spec"]
+        self._out_spec: Any = None
+        saved = data["config"]
+        saved["rewrites"] = False  # the saved graph is already rewritten
+        known = set(Config.__dataclass_fields__)
+        self.config = config or Config(**{k: (frozenset(v) if isinstance(v, list) else v)
+                                          for k, v in saved.items() if k in known})
+        self.compiled = None
+        if "lowered" in data and self.config.codegen in ("auto", "cpp"):
+            from fusion.store import artifact
+
+            try:
+                sources = [(path / name).read_text() for name in data["sources"]]
+                self.compiled = artifact.restore({**data["lowered"], "program": data["graph"], "source": None},
+                                                 sources, self.config, how="loaded")
+            except Exception as e:  # noqa: BLE001 - e.g. no compiler for a missing kernel library: recompile
+                log.debug("load %s: lowered program not restored (%s: %s); recompiling", path, type(e).__name__, e)
+        if self.compiled is None:
+            from fusion.pipeline import compile_graph
+
+            gm = graph_from_dict(data["graph"], fake_placeholders(data["graph"]))
+            self.compiled = compile_graph(gm, self.config, label="forward")
+
+    @property
+    def out_spec(self) -> Any:
+        """The output structure, resolved on first use: it may name a model's output class (HF's
+        ModelOutput), whose library is imported then rather than by load()."""
+        if self._out_spec is None:
+            from fusion.store.artifact import load_spec
+
+            self._out_spec = load_spec(self._out_spec_data)
+        return self._out_spec
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        user = iter(pytree.tree_leaves((args, kwargs)))
+        flat = [next(user) if kind == "user" else self.weights[name] for kind, name in self.bindings]
+        with torch.no_grad():
+            outs = self.compiled(*flat)
+        if self.buffer_mutations:
+            for i, target in self.buffer_mutations.items():
+                self.weights[target].copy_(outs[i])
+            outs = [o for i, o in enumerate(outs) if i not in self.buffer_mutations]
+        return pytree.tree_unflatten(list(outs), self.out_spec)
+
+    @property
+    def code(self) -> str:
+        return self.compiled.code
+
+
+def load(path: str | Path, config: Config | None = None) -> LoadedProgram:
+    """Load a program saved with `OptimizedModule.save(path)`; weights are memory-mapped, not read, and
+    nothing is recompiled (see the module docstring)."""
+    return LoadedProgram(path, config)
