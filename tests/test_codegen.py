@@ -421,8 +421,6 @@ def test_shapes_strides_and_aliasing(cfg):
 def test_prepare_pass_clone_addmm_rotate_half(cfg):
     """The lowering's graph clean-ups: no-op clones dropped (never one that aliases an input or an
     output), addmm bias moved into the consumer's kernel, RoPE's rotate_half read as a shifted load."""
-    from fusion import lower
-
     def rot(x):
         h = x.shape[-1] // 2
         return torch.cat([-x[..., h:], x[..., :h]], -1)
