@@ -2,7 +2,7 @@
 
 `capture_module` is what `fusion.optimize` uses (torch.export + core-ATen decompositions, parameters
 and buffers lifted to placeholders and bound by name at run time). Inside `torch.compile` the graph
-comes from AOTAutograd instead (see backend.py); both go through `normalize`.
+comes from AOTAutograd instead (see fusion/torch_compile.py); both go through `normalize`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ATen's `mm`/`addmm` call MKL's sgemm. On some CPUs another library is much faster at the very same
 product: on this machine (AMD EPYC, Zen 5) MKL takes its AVX2 path (~100 GFLOP/s per core) while
-oneDNN's AVX-512 kernels reach ~230 (`python -m fusion.costmodel.calibrate` measures both: `gemm_flops`
+oneDNN's AVX-512 kernels reach ~230 (`python -m fusion calibrate` measures both: `gemm_flops`
 "float32" and "float32_onednn"). The pass rewrites
 
     mm(a, permute(w, [1, 0]))            ->  mkldnn._linear_pointwise(a, w, None, "none", [], "")

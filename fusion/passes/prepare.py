@@ -3,7 +3,7 @@
     gm = prepare(gm)        # a new GraphModule, or gm itself when nothing applies
 
 The driver keeps its result only when lowering makes kernels: on an all-ATen program the clean-ups
-(an addmm split into mm + add) would only cost time.
+(an addmm split into mm + add) would only cost time. The four clean-ups are listed on `prepare`.
 """
 from __future__ import annotations
 
@@ -50,7 +50,11 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
       (aliasing would then be observable);
     - `addmm(b, x, w)` whose result feeds (through one view) only fusable ops becomes
       `mm(x, w)` + `b` after the view, so the bias add joins the consumer's kernel instead of ATen
-      copying the bias into the output before the GEMM."""
+      copying the bias into the output before the GEMM;
+    - `view(clone(x), shape)` read only by bmm/mm becomes `reshape(x, shape)` (no copy when the strides
+      allow a view: BLAS reads K^T transposed);
+    - `cat([-x[..., h:], x[..., :h]], -1)` (RoPE) becomes `rotate_half(x)`, which kernels read as an
+      index-shifted load."""
     graph = fx.Graph()
     graph._codegen = gm.graph._codegen
     out = graph.graph_copy(gm.graph, {})
