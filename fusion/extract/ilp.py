@@ -257,118 +257,144 @@ def _sccs(classes: list[int], succ: dict[int, set[int]]) -> dict[int, int]:
     return out
 
 
+class _Milp:
+    """A mixed-integer program being built: variables (cost, bounds, integer or not) in creation order and
+    sparse rows ``lo <= sum(a * v) <= hi``; `solve` hands it to scipy's HiGHS."""
+
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+        self.integer: list[float] = []
+        self.rows: list[int] = []
+        self.cidx: list[int] = []
+        self.vals: list[float] = []
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+
+    def var(self, cost: float, lo: float = 0.0, hi: float = 1.0, integer: bool = False) -> int:
+        """A new variable in [lo, hi] paying `cost` per unit -> its column."""
+        self.cost.append(cost); self.lower.append(lo); self.upper.append(hi)
+        self.integer.append(1.0 if integer else 0.0)
+        return len(self.cost) - 1
+
+    def row(self, terms: Iterable[tuple[int, float]], lo: float, hi: float) -> None:
+        """The constraint lo <= sum(a * v for v, a in terms) <= hi."""
+        r = len(self.lb)
+        for v, a in terms:
+            self.rows.append(r); self.cidx.append(v); self.vals.append(a)
+        self.lb.append(lo); self.ub.append(hi)
+
+    def geq(self, pos: Iterable[int], neg: Iterable[int], rhs: float) -> None:
+        """sum(pos) - sum(neg) >= rhs."""
+        self.row([*((v, 1.0) for v in pos), *((v, -1.0) for v in neg)], rhs, np.inf)
+
+    def solve(self, time_limit: float) -> Any:
+        """scipy's `milp` result (``.x`` None when no feasible point was found within `time_limit` seconds)."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+
+        a = coo_matrix((self.vals, (self.rows, self.cidx)), shape=(len(self.lb), len(self.cost))).tocsr()
+        return milp(np.array(self.cost), integrality=np.array(self.integer),
+                    bounds=Bounds(np.array(self.lower), np.array(self.upper)),
+                    constraints=LinearConstraint(a, np.array(self.lb), np.array(self.ub)),
+                    options={"time_limit": float(time_limit), "disp": False})
+
+
 def extract_ilp(ex: EGraphExport, roots: Sequence[int], costs: Sequence[float], time_limit: float,
                 fusion: FusionCosts | None = None) -> Extraction | None:
     """Optimal DAG extraction by MILP (None if no feasible solution was found in time); with `fusion`,
     optimal under the kernel-boundary model (materialisation variables, see the module docstring)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
     t0 = time.perf_counter()
     classes = _reachable(ex, roots)
     cols = [j for c in classes for j in ex.classes.get(c, []) if _usable(ex, j)]
-    col = {j: i for i, j in enumerate(cols)}
+    prog = _Milp()
+    node_cost = (lambda j: fusion.node_cost(j, costs)) if fusion is not None else (lambda j: costs[j])
+    x = {j: prog.var(node_cost(j), integer=True) for j in cols}     # x_j: e-node j is computed
+    _add_dag_rows(prog, ex, roots, classes, cols, x)
+    if fusion is not None:
+        _add_kernel_boundary_rows(prog, ex, roots, cols, x, fusion)
+    res = prog.solve(time_limit)
+    if res.x is None:
+        return None
+    choice = _read_choice(ex, cols, x, res.x, costs)
+    method = "ilp" if res.status == 0 else "ilp (time limit)"
+    return Extraction(choice, dag_cost(ex, choice, roots, costs), method, time.perf_counter() - t0, res.message)
+
+
+def _add_dag_rows(prog: _Milp, ex: EGraphExport, roots: Sequence[int], classes: list[int], cols: list[int],
+                  x: dict[int, int]) -> None:
+    """The DAG constraints of the module docstring on the columns `x` (e-node id -> column): every root
+    computed, every computed e-node's child classes computed, and level variables (added here) ordering
+    the classes of each cycle so that no chosen e-node depends on itself."""
     members: dict[int, list[int]] = {c: [] for c in classes}
-    for j in cols:
-        members[ex.nodes[j].cls].append(col[j])
     succ: dict[int, set[int]] = {c: set() for c in classes}
     for j in cols:
+        members[ex.nodes[j].cls].append(x[j])
         succ[ex.nodes[j].cls].update(ex.nodes[j].children)
     scc = _sccs(classes, succ)
     size: dict[int, int] = {}
-    for c, s in scc.items():
+    for s in scc.values():
         size[s] = size.get(s, 0) + 1
-    level = {c: len(cols) + i for i, c in enumerate(scc)}
-    nvar = len(cols) + len(level)
-
-    rows, cidx, vals, lb, ub = [], [], [], [], []
-    r = 0
+    level = {c: prog.var(0.0, 0.0, float(size[scc[c]])) for c in scc}
     for root in set(roots):                       # sum_{j in root} x_j >= 1
-        for i in members.get(root, []):
-            rows.append(r); cidx.append(i); vals.append(1.0)
-        lb.append(1.0); ub.append(np.inf); r += 1
+        prog.row([(i, 1.0) for i in members.get(root, [])], 1.0, np.inf)
     for j in cols:
         node = ex.nodes[j]
         for ch in set(node.children):             # x_j - sum_{m in ch} x_m <= 0
-            rows.append(r); cidx.append(col[j]); vals.append(1.0)
-            for m in members.get(ch, []):
-                rows.append(r); cidx.append(m); vals.append(-1.0)
-            lb.append(-np.inf); ub.append(0.0); r += 1
+            prog.row([(x[j], 1.0), *((m, -1.0) for m in members.get(ch, []))], -np.inf, 0.0)
             if node.cls in scc and scc.get(ch) == scc[node.cls]:
                 big = float(size[scc[node.cls]])  # l_a - l_b - S x_j >= 1 - S
-                rows += [r, r, r]; cidx += [level[node.cls], level[ch], col[j]]; vals += [1.0, -1.0, -big]
-                lb.append(1.0 - big); ub.append(np.inf); r += 1
-    cost_list = [costs[j] for j in cols] + [0.0] * len(level)
-    lower_list = [0.0] * nvar
-    upper_list = [1.0] * nvar
-    for c, v in level.items():
-        upper_list[v] = float(size[scc[c]])
-    if fusion is not None:   # materialisation m_c, write w_c and read r_c per class; see the module docstring
-        fc = fusion
-        mvar: dict[int, int] = {}
+                prog.row([(level[node.cls], 1.0), (level[ch], -1.0), (x[j], -big)], 1.0 - big, np.inf)
 
-        def new_var(cost_: float, lo: float = 0.0) -> int:
-            nonlocal nvar
-            cost_list.append(cost_); lower_list.append(lo); upper_list.append(1.0)
-            nvar += 1
-            return nvar - 1
 
-        def m_of(c: int) -> int:
-            if c not in mvar:
-                leaf = all(fc.role[m] == "leaf" for m in ex.classes.get(c, []))
-                mvar[c] = new_var(0.0, 1.0 if (leaf or c in root_set) else 0.0)
-            return mvar[c]
+def _add_kernel_boundary_rows(prog: _Milp, ex: EGraphExport, roots: Sequence[int], cols: list[int],
+                              x: dict[int, int], fc: FusionCosts) -> None:
+    """The kernel-boundary model of the module docstring: per class a materialisation m_c (integer; 1 for
+    roots and leaves), a write w_c and a read r_c (continuous, paying `fc.write` / `fc.read`), and the rows
+    tying them to the e-node columns `x`. Variables are created in first-use order."""
+    root_set = set(roots)
+    mvar: dict[int, int] = {}
+    wvar: dict[int, int] = {}
+    rvar: dict[int, int] = {}
 
-        def geq(pos: list[int], neg: list[int], rhs: float) -> None:   # sum(pos) - sum(neg) >= rhs
-            nonlocal r
-            for v in pos:
-                rows.append(r); cidx.append(v); vals.append(1.0)
-            for v in neg:
-                rows.append(r); cidx.append(v); vals.append(-1.0)
-            lb.append(rhs); ub.append(np.inf); r += 1
+    def m_of(c: int) -> int:
+        if c not in mvar:
+            leaf = all(fc.role[m] == "leaf" for m in ex.classes.get(c, []))
+            mvar[c] = prog.var(0.0, 1.0 if (leaf or c in root_set) else 0.0, integer=True)
+        return mvar[c]
 
-        root_set = set(roots)
-        cost_list[: len(cols)] = [fc.node_cost(j, costs) for j in cols]
-        wvar: dict[int, int] = {}
-        rvar: dict[int, int] = {}
-        for j in cols:
-            node, xj = ex.nodes[j], col[j]
-            role = fc.role[j]
-            kids = _tensor_children(ex, fc, j)
-            if role in ("view", "opaque"):
-                geq([m_of(node.cls)], [xj], 0.0)
-                for ch in kids:
-                    geq([m_of(ch)], [xj], 0.0)
-            elif role == "fusible":
-                if node.cls not in wvar:
-                    wvar[node.cls] = new_var(fc.write.get(node.cls, 0.0))
-                geq([wvar[node.cls]], [m_of(node.cls), xj], -1.0)
-                for ch in kids:
-                    if not fc.fuses(j, ch):
-                        geq([m_of(ch)], [xj], 0.0)
-                    if ch not in rvar:
-                        rvar[ch] = new_var(fc.read.get(ch, 0.0))
-                    geq([rvar[ch]], [m_of(ch), xj], -1.0)
-    cost = np.array(cost_list)
-    upper = np.array(upper_list)
-    a = coo_matrix((vals, (rows, cidx)), shape=(r, nvar)).tocsr()
-    integrality = np.zeros(nvar)
-    integrality[: len(cols)] = 1
-    if fusion is not None:
-        integrality[list(mvar.values())] = 1
-    res = milp(cost, integrality=integrality, bounds=Bounds(np.array(lower_list), upper),
-               constraints=LinearConstraint(a, np.array(lb), np.array(ub)),
-               options={"time_limit": float(time_limit), "disp": False})
-    if res.x is None:
-        return None
+    for j in cols:
+        node, xj = ex.nodes[j], x[j]
+        role = fc.role[j]
+        kids = _tensor_children(ex, fc, j)
+        if role in ("view", "opaque"):
+            prog.geq([m_of(node.cls)], [xj], 0.0)
+            for ch in kids:
+                prog.geq([m_of(ch)], [xj], 0.0)
+        elif role == "fusible":
+            if node.cls not in wvar:
+                wvar[node.cls] = prog.var(fc.write.get(node.cls, 0.0))
+            prog.geq([wvar[node.cls]], [m_of(node.cls), xj], -1.0)
+            for ch in kids:
+                if not fc.fuses(j, ch):
+                    prog.geq([m_of(ch)], [xj], 0.0)
+                if ch not in rvar:
+                    rvar[ch] = prog.var(fc.read.get(ch, 0.0))
+                prog.geq([rvar[ch]], [m_of(ch), xj], -1.0)
+
+
+def _read_choice(ex: EGraphExport, cols: list[int], x: dict[int, int], values: Any,
+                 costs: Sequence[float]) -> dict[int, int]:
+    """class -> the e-node the solution computes there (`values`: the solution vector; of several
+    computed e-nodes of one class, the cheapest)."""
     choice: dict[int, int] = {}
     for j in cols:
-        if res.x[col[j]] > 0.5:
+        if values[x[j]] > 0.5:
             c = ex.nodes[j].cls
             if c not in choice or costs[j] < costs[choice[c]]:
                 choice[c] = j
-    method = "ilp" if res.status == 0 else "ilp (time limit)"
-    return Extraction(choice, dag_cost(ex, choice, roots, costs), method, time.perf_counter() - t0, res.message)
+    return choice
 
 
 @dataclass
