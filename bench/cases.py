@@ -9,7 +9,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+# the micro programs and their inputs are fusion.workloads.micro's (shared with bench/gpu.py and the
+# cost-model validation); the functions are re-exported for callers that build their own cases
+from fusion.workloads.micro import MICRO as _MICRO
+from fusion.workloads.micro import (  # noqa: F401
+    attn_softmax,
+    gelu_bias_residual,
+    layernorm_F,
+    layernorm_hand,
+    random_inputs,
+    rmsnorm_llama,
+    softmax_hand,
+    swiglu,
+)
 
 
 @dataclass
@@ -30,65 +43,19 @@ def min_bytes(inputs: tuple, out: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- micro
-def softmax_hand(x):
-    m = x.amax(-1, keepdim=True)
-    e = (x - m).exp()
-    return e / e.sum(-1, keepdim=True)
-
-
-def rmsnorm_llama(x, w):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-
-
-def layernorm_F(x, w, b):
-    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-
-
-def layernorm_hand(x, w, b):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * w + b
-
-
-def gelu_bias_residual(x, b, r):
-    return F.gelu(x + b) + r
-
-
-def swiglu(g, a):
-    return F.silu(g) * a
-
-
-def attn_softmax(s, mask):
-    return torch.softmax(s * 0.125 + mask, -1)
-
-
 def _g(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
 def _micro(name, desc, fn, *shapes, mask_shape=None):
+    """A micro Case: fn on standard-normal inputs of `shapes` (seed 0), then the causal mask of mask_shape."""
     def make():
-        g = _g()
-        ins = [torch.randn(*s, generator=g) for s in shapes]
-        if mask_shape is not None:   # additive causal mask: 0 on/below the diagonal, -1e4 above
-            L = mask_shape[-1]
-            ins.append(torch.triu(torch.full((L, L), -1e4), 1).expand(*mask_shape).contiguous())
-        return fn, tuple(ins)
+        return fn, random_inputs(list(shapes), _g(), mask_shape)
 
     return Case(name, "micro", desc, make)
 
 
-MICRO = [
-    _micro("softmax", "hand-written stable softmax, 4096x4096", softmax_hand, (4096, 4096)),
-    _micro("rmsnorm", "LLaMA RMSNorm x*rsqrt(mean(x^2)+eps)*w, 8192x1024", rmsnorm_llama, (8192, 1024), (1024,)),
-    _micro("layernorm", "F.layer_norm, 8192x1024", layernorm_F, (8192, 1024), (1024,), (1024,)),
-    _micro("layernorm_hand", "hand-written layer norm (mean/var/sqrt), 8192x1024", layernorm_hand,
-           (8192, 1024), (1024,), (1024,)),
-    _micro("gelu_bias_res", "F.gelu(x + b) + r, 8192x1024", gelu_bias_residual, (8192, 1024), (1024,), (8192, 1024)),
-    _micro("swiglu", "F.silu(g) * a, 8192x2816", swiglu, (8192, 2816), (8192, 2816)),
-    _micro("attn_softmax", "softmax(s*0.125 + mask, -1), s 8x12x256x256, mask 1x1x256x256", attn_softmax,
-           (8, 12, 256, 256), mask_shape=(1, 1, 256, 256)),
-]
+MICRO = [_micro(c.name, c.describe(), c.fn, *c.data_shapes(), mask_shape=c.mask_shape()) for c in _MICRO.values()]
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -40,6 +40,8 @@ if DRY:
 import torch
 import torch.nn.functional as F
 
+from fusion.workloads.micro import MICRO, dims
+
 
 # ----------------------------------------------------------------------------------------- timing
 class Timer:
@@ -88,46 +90,27 @@ def relerr(a, b) -> float:
 
 
 # ----------------------------------------------------------------------------------------- cases
-def softmax_hand(x):
-    m = x.amax(-1, keepdim=True)
-    e = torch.exp(x - m)
-    return e / e.sum(-1, keepdim=True)
-
-
-def rmsnorm(x, w):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-
-
-def layernorm(x, w, b):
-    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-
-
-def gelu_bias_residual(x, b, r):
-    return F.gelu(x + b) + r
-
-
-def swiglu(g, a):
-    return F.silu(g) * a
-
-
-def attn_softmax(s, mask):
-    return torch.softmax(s * 0.125 + mask, -1)
+#: bench_gpu.md's label and the --dry-run main shape of each shared micro case (fusion.workloads.micro;
+#: full runs use its benchmark shape)
+GPU_MICRO = {
+    "softmax": ("softmax", (8, 64)),
+    "rmsnorm": ("rmsnorm", (8, 32)),
+    "layernorm": ("layer_norm", (8, 32)),
+    "gelu_bias_res": ("gelu(x+b)+r", (8, 32)),
+    "swiglu": ("silu(g)*a", (8, 48)),
+    "attn_softmax": ("softmax(s*0.125+mask)", (2, 2, 8, 8)),
+}
 
 
 def micro_cases(dry: bool):
-    """(name, fn, shapes); shapes are of the inputs (all fp16 on GPU, fp32 + fp16 in --dry-run)."""
-    if dry:
-        return [("softmax 8x64", softmax_hand, [(8, 64)]), ("rmsnorm 8x32", rmsnorm, [(8, 32), (32,)]),
-                ("layer_norm 8x32", layernorm, [(8, 32), (32,), (32,)]),
-                ("gelu(x+b)+r 8x32", gelu_bias_residual, [(8, 32), (32,), (8, 32)]),
-                ("silu(g)*a 8x48", swiglu, [(8, 48), (8, 48)]),
-                ("softmax(s*0.125+mask) 2x2x8x8", attn_softmax, [(2, 2, 8, 8), (1, 1, 8, 8)])]
-    return [("softmax 4096x4096", softmax_hand, [(4096, 4096)]),
-            ("rmsnorm 8192x1024", rmsnorm, [(8192, 1024), (1024,)]),
-            ("layer_norm 8192x1024", layernorm, [(8192, 1024), (1024,), (1024,)]),
-            ("gelu(x+b)+r 8192x1024", gelu_bias_residual, [(8192, 1024), (1024,), (8192, 1024)]),
-            ("silu(g)*a 8192x2816", swiglu, [(8192, 2816), (8192, 2816)]),
-            ("softmax(s*0.125+mask) 8x12x256x256", attn_softmax, [(8, 12, 256, 256), (1, 1, 256, 256)])]
+    """(name, fn, shapes); shapes are of the inputs (all fp16 on GPU, fp32 + fp16 in --dry-run). Every input,
+    the attention mask too, is drawn at random here (as this bench always did)."""
+    out = []
+    for case_name, (label, dry_shape) in GPU_MICRO.items():
+        case = MICRO[case_name]
+        shape = dry_shape if dry else case.shape
+        out.append((f"{label} {dims(shape)}", case.fn, case.input_shapes(shape)))
+    return out
 
 
 class _Fn(torch.nn.Module):

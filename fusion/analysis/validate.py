@@ -7,8 +7,8 @@ On a quiet machine: `python -m fusion.costmodel.calibrate --force` first (a fres
 On a busy one, 2-thread wall-clock timings are dominated by OpenMP threads waiting for the CPU; the
 load-robust check is `--threads 1 --cpu-clock` (process CPU time, 1-thread profile measured likewise).
 
-Programs: the micro set (hand-written softmax, RMSNorm, layer norm, gelu(x+b)+r, silu(g)*a, masked
-scaled softmax) at three shapes each, and the transformer blocks of `fusion.workloads.blocks` (BertBlock,
+Programs: the micro set (`fusion.workloads.micro`: hand-written softmax, RMSNorm, layer norm, gelu(x+b)+r,
+silu(g)*a, masked scaled softmax) at three shapes each, and the transformer blocks of `fusion.workloads.blocks` (BertBlock,
 LlamaBlock) at a small and a medium size. Each program runs three ways:
 
     eager    the captured ATen graph, every node an ATen call          predicted: program_time(source_gm)
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from fusion.costmodel.hardware import HardwareProfile
 from fusion.costmodel.program_cost import graph_program_time
+from fusion.workloads.micro import MICRO, dims
 
 WAYS = ("eager", "aten", "lowered")
 
@@ -86,32 +86,10 @@ class ValidationResult:
 
 
 # ---------------------------------------------------------------------------------------------- programs
-def softmax_hand(x):
-    m = x.amax(-1, keepdim=True)
-    e = (x - m).exp()
-    return e / e.sum(-1, keepdim=True)
-
-
-def rmsnorm(x, w):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-
-
-def layernorm_hand(x, w, b):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * w + b
-
-
-def gelu_bias_res(x, b, r):
-    return F.gelu(x + b) + r
-
-
-def swiglu(g, a):
-    return F.silu(g) * a
-
-
-def masked_softmax(s, mask):
-    return torch.softmax(s * 0.125 + mask, -1)
+#: validate's family names (its rows, fusion/costmodel/README.md's table) -> the shared micro case
+#: (fusion.workloads.micro) each one runs
+FAMILIES = {"softmax": "softmax", "rmsnorm": "rmsnorm", "layernorm": "layernorm_hand",
+            "gelu_bias_res": "gelu_bias_res", "swiglu": "swiglu", "masked_softmax": "attn_softmax"}
 
 
 class _Fn(torch.nn.Module):
@@ -123,26 +101,13 @@ class _Fn(torch.nn.Module):
         return self.fn(*xs)
 
 
-def _micro(family: str, fn: Callable, shape: tuple, seed: int = 0):
+def _micro(family: str, shape: tuple, seed: int = 0):
+    """(name, family, make) of the shared micro case behind `family` at main shape `shape`."""
+    case = MICRO[FAMILIES[family]]
+
     def make():
-        g = torch.Generator().manual_seed(seed)
-        N = shape[-1]
-        r = lambda *s: torch.randn(*s, generator=g)          # noqa: E731
-        if family == "softmax":
-            ins = (r(*shape),)
-        elif family == "rmsnorm":
-            ins = (r(*shape), r(N))
-        elif family == "layernorm":
-            ins = (r(*shape), r(N), r(N))
-        elif family == "gelu_bias_res":
-            ins = (r(*shape), r(N), r(*shape))
-        elif family == "swiglu":
-            ins = (r(*shape), r(*shape))
-        else:                                                # masked_softmax: [B, H, L, L] + [1, 1, L, L]
-            L = shape[-1]
-            ins = (r(*shape), torch.triu(torch.full((L, L), -1e4), 1).expand(1, 1, L, L).contiguous())
-        return _Fn(fn), ins
-    return f"{family} {'x'.join(map(str, shape))}", family, make
+        return _Fn(case.fn), case.inputs(shape, torch.Generator().manual_seed(seed))
+    return f"{family} {dims(shape)}", family, make
 
 
 def _block(family: str, size: str):
@@ -158,20 +123,16 @@ def _block(family: str, size: str):
     return f"{family} {size}", family, make
 
 
-_FNS = {"softmax": softmax_hand, "rmsnorm": rmsnorm, "layernorm": layernorm_hand,
-        "gelu_bias_res": gelu_bias_res, "swiglu": swiglu, "masked_softmax": masked_softmax}
-
-
 def programs(quick: bool = False) -> list[tuple[str, str, Callable]]:
     """(name, family, make) for every program; make() -> (module, inputs)."""
     if quick:
-        return [_micro("softmax", softmax_hand, (256, 1024)), _micro("rmsnorm", rmsnorm, (2048, 1024)),
-                _micro("gelu_bias_res", gelu_bias_res, (256, 1024)), _micro("swiglu", swiglu, (1024, 1024))]
+        return [_micro("softmax", (256, 1024)), _micro("rmsnorm", (2048, 1024)),
+                _micro("gelu_bias_res", (256, 1024)), _micro("swiglu", (1024, 1024))]
     out = []
-    for fam, fn in _FNS.items():
+    for fam in FAMILIES:
         shapes = [(8, 12, 128, 128), (8, 12, 256, 256), (4, 16, 512, 512)] if fam == "masked_softmax" \
             else [(1024, 1024), (4096, 1024), (8192, 1024)]
-        out += [_micro(fam, fn, s) for s in shapes]
+        out += [_micro(fam, s) for s in shapes]
     out += [_block(f, s) for f in ("bert", "llama") for s in ("small", "medium")]
     return out
 
@@ -226,7 +187,7 @@ def run_program(name: str, family: str, make: Callable, hw: HardwareProfile, rep
     if not opt.graphs:
         return []
     g = opt.graphs[0]
-    flat = opt._flat_args(opt._accessors, inputs, {})
+    flat = opt.flat_args(*inputs)
     gms = {"eager": g.source_gm, "aten": g.program_gm, "lowered": g.gm}
     kernels = {k.name: k for k in g.log.kernels}
     preds = {way: graph_program_time(gm, hw, kernels, g.program_gm) for way, gm in gms.items()}
