@@ -21,4 +21,4 @@ bench: setup
 	$(PY) -m bench.run
 
 calibrate: setup
-	$(PY) -m fusion.costmodel.calibrate
+	$(PY) -m fusion calibrate
