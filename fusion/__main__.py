@@ -103,6 +103,16 @@ def load_model(spec: str, input_shapes: list[str] | None = None):
     return model.eval(), inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def _check_plot_options(a: argparse.Namespace, *flags: str) -> None:
+    """FusionInputError "--FLAG needs matplotlib: pip install ..." for the first plot option given while
+    matplotlib is missing, before minutes of work whose plot could not be drawn."""
+    from fusion.analysis.plots import require_matplotlib
+
+    for flag in flags:
+        if getattr(a, flag.lstrip("-").replace("-", "_")):
+            require_matplotlib(f"{flag} needs")
+
+
 def _display(a: argparse.Namespace, title: str):
     from fusion import progress
 
@@ -186,11 +196,12 @@ def optimize(argv: list[str]) -> int:
     p.add_argument("--no-compare", action="store_true", help="skip the measured before/after comparison")
     p.add_argument("--plot", metavar="PNG", help="write a roofline plot of every call, before and after")
     a = p.parse_args(argv)
+    _check_plot_options(a, "--plot")
     import fusion
 
     _, inputs, opt = _optimize(a)
     cmp = None
-    if not a.no_compare and opt._captured is not None:
+    if not a.no_compare and opt.captured is not None:
         with _display(a, f"compare {a.model}"):
             cmp = fusion.compare(opt, inputs)
         if a.plot:
@@ -242,6 +253,7 @@ def analyze(argv: list[str]) -> int:
     p.add_argument("--no-measure", action="store_true", help="predictions only (do not run the model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = p.parse_args(argv)
+    _check_plot_options(a, "--plot", "--memory-plot")
     model, inputs = load_model(a.model, a.input_shape)
     seqs = [int(s) for s in a.seqs.split(",")] if a.seqs else None
     with _display(a, f"analyze {a.model}"):
@@ -293,11 +305,25 @@ def repro(argv: list[str]) -> int:
     return 0 if result.same_decisions and result.max_rel_error <= 1e-4 else 1
 
 
+def _bench_suite():
+    """bench/run.py's main; FusionInputError when bench/ is not importable (an installed fusion: the suite
+    lives in the source checkout, next to fusion/)."""
+    from fusion.errors import FusionInputError
+
+    try:
+        from bench.run import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.run"):
+            raise                    # bench/ is there but lacks a dependency: the traceback names it
+        raise FusionInputError("bench without MODEL runs the suite bench/run.py: run it from a source "
+                               "checkout of fusion (python -m fusion bench MODEL works anywhere)") from None
+    return bench_main
+
+
 def bench(argv: list[str]) -> int:
     """`bench MODEL`: eager vs Inductor vs fusion on MODEL; `bench [options]`: bench/run.py."""
     if not argv or argv[0].startswith("-"):
-        from bench.run import main as bench_main
-
+        bench_main = _bench_suite()
         if "-h" in argv or "--help" in argv:
             print("python -m fusion bench MODEL [--variants ...]: one model (python -m fusion bench bert --help);\n"
                   "python -m fusion bench [options]: the benchmark suite, bench/run.py:\n")
@@ -332,16 +358,39 @@ COMMANDS = {"demo": demo, "optimize": optimize, "explain": explain, "analyze": a
             "bench": bench, "calibrate": calibrate}
 
 
+#: torch.export's run_decompositions deep-copies the module call graph, whose pytree specs hold the deprecated
+#: LeafSpec; copying one warns (torch 2.13, inside torch), once per capture. No user can act on it.
+TORCH_INTERNAL_WARNINGS = [(r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)]
+
+
+def _usage(asked: bool) -> int:
+    """The command list and MODEL's forms -> exit status: on stdout and 0 when asked for (--help), else on
+    stderr and 2 (no command, or an unknown one)."""
+    out = sys.stdout if asked else sys.stderr
+    print(f"usage: python -m fusion {{{'|'.join(COMMANDS)}}} [options]\n"
+          "       python -m fusion COMMAND --help\n", file=out)
+    for name, fn in COMMANDS.items():
+        print(f"  {name:<10} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}", file=out)
+    print("\n" + EPILOG, file=out)
+    return 0 if asked else 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (argv: sys.argv[1:] by default) -> exit status. A FusionInputError (a missing extra,
+    a model that cannot take its inputs) ends as one line "fusion: ..." on stderr and status 2."""
+    from fusion.errors import FusionInputError
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m fusion {{{'|'.join(COMMANDS)}}} [options]\n"
-              "       python -m fusion COMMAND --help\n", file=sys.stderr)
-        for name, fn in COMMANDS.items():
-            print(f"  {name:<10} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}", file=sys.stderr)
-        print("\n" + EPILOG, file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
+        return _usage(asked=argv[:1] in (["-h"], ["--help"]))
+    with warnings.catch_warnings():     # only for this command: main() may be called from Python
+        for message, category in TORCH_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except FusionInputError as e:
+            print(f"fusion: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -95,3 +95,72 @@ def test_model_spec_errors():
     assert inputs[0].shape == (2, 8, 64) and inputs[1].dtype == torch.int64
     model, inputs = load_model("gpt2")
     assert type(model).__name__ == "GPT2Block" and inputs[0].shape == (4, 128, 768)
+
+
+# --- what the CLI prints: one actionable line for a missing extra, no library warnings, every command's help
+
+
+@pytest.mark.parametrize("args, flag", [(["analyze", "gpt2", "--memory-plot"], "--memory-plot"),
+                                        (["analyze", "gpt2", "--no-measure", "--plot"], "--plot"),
+                                        (["optimize", "gpt2", "--plot"], "--plot")])
+def test_missing_matplotlib_is_one_line_and_exit_2(args, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # an install without the `plot` extra
+    png = tmp_path / "m.png"
+    assert main([*args, str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fusion: {flag} needs matplotlib: pip install 'fusion[plot]'\n"
+    assert not png.exists()
+
+
+def test_memory_plot_without_matplotlib_says_which_extra(tmp_path, monkeypatch):
+    from fusion.analysis.memory import draw_memory_plot
+    from fusion.errors import FusionInputError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(FusionInputError, match=r"matplotlib: pip install 'fusion\[plot\]'"):
+        draw_memory_plot(str(tmp_path / "m.png"), [16, 32], 1e6, [1e5, 2e5], None, "t", "KV cache")
+
+
+def test_input_error_is_one_line_and_exit_2(capsys):
+    # two example inputs for a forward(x): fusion.optimize's FusionInputError, not a traceback
+    assert main(["explain", "tests.cli_models:tiny_model_only", "--input-shape", "2x8x64",
+                 "--input-shape", "3:int64", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusion: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_suite_outside_a_checkout_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bench", None)            # an installed fusion: no bench/ beside it
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusion: bench without MODEL") and err.count("\n") == 1
+
+
+def test_cli_prints_no_library_warnings():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    r = subprocess.run([sys.executable, "-m", "fusion", "analyze", "tests.cli_models:tiny", "--no-measure",
+                        "--top", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr, r.stderr[-3000:]
+
+
+def test_help_lists_every_command_and_each_help_works(capsys):
+    from fusion.__main__ import COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS)
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:                 # argparse's --help exits 0
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+    assert main([]) == 2 and main(["nope"]) == 2
+    assert "python -m fusion COMMAND --help" in capsys.readouterr().err
+
+
+def test_calibrate_command(capsys):
+    assert main(["calibrate", "--json"]) == 0                   # the stored profile (measured once if absent)
+    assert json.loads(capsys.readouterr().out)["copy_bandwidth"] > 0
+    assert main(["calibrate", "--datasheet", "H200"]) == 0
+    assert "H200" in capsys.readouterr().out

@@ -203,12 +203,11 @@ def fmt_bytes(nbytes: float | None) -> str:
 
 def draw_memory_plot(path: str, seqs: Sequence[int], weights: float, activations: Sequence[float | None],
                      kv: Sequence[float] | None, title: str, kv_label: str) -> str:
-    """Stacked areas over sequence length: weights, peak activations, KV cache; total marked per point."""
-    import matplotlib
+    """Stacked areas over sequence length: weights, peak activations, KV cache; total marked per point.
+    Without matplotlib: FusionInputError saying to install the `plot` extra."""
+    from fusion.analysis.plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     act = [a if a is not None else float("nan") for a in activations]
     kvs = list(kv) if kv is not None else [0.0] * len(seqs)
     totals = [weights + (a if a == a else 0.0) + k for a, k in zip(act, kvs)]

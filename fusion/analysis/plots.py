@@ -1,4 +1,5 @@
-"""Plots of analyses: the roofline (calls as points under the machine's roofs). Needs the `plot` extra."""
+"""Plots of analyses: the roofline (calls as points under the machine's roofs). Needs the `plot` extra;
+without it `_pyplot` / `require_matplotlib` raise FusionInputError with the line to install it."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,24 @@ from typing import Any
 from fusion.errors import FusionInputError
 
 
-def _pyplot() -> Any:
+#: what to install for any plot: the `plot` extra
+INSTALL_PLOT = "pip install 'fusion[plot]'"
+
+
+def require_matplotlib(what: str = "plots need") -> None:
+    """Nothing when matplotlib imports; else FusionInputError "<what> matplotlib: pip install ..." (the CLI
+    checks each plot option this way before any work, naming the option: "--plot needs")."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ModuleNotFoundError:
-        raise FusionInputError("plots need matplotlib: pip install 'fusion[plot]'") from None
+        raise FusionInputError(f"{what} matplotlib: {INSTALL_PLOT}") from None
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend; FusionInputError with the install line without it."""
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
