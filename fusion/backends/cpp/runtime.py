@@ -110,84 +110,126 @@ class FusedKernel(torch.nn.Module):
     def _build_call(self) -> Callable:
         """Generate a call function specialised to this kernel's ranks and broadcasting (few µs)."""
         spec = self.spec
-        R = spec.R
-        nin = len(spec.inputs)
-        xs = [f"x{k}" for k in range(nin)]
-        L = [f"def call({', '.join(xs)}):"]
-        for k in range(nin):
-            L.append(f"    sh{k} = x{k}.shape")
-        for d, (k, i) in enumerate(spec.dsrc):
-            L.append(f"    D{d} = sh{k}[{i}]" if k >= 0 else f"    D{d} = {i}")
-        dl = f"D{R - 1}"
-        if spec.flatten:
-            vecs = [k for k, s in enumerate(spec.inputs) if s.vec]
-            rows = [k for k, s in enumerate(spec.inputs) if not s.vec]
-            conds = [f"x{k}.is_contiguous()" for k in vecs]
-            conds += [f"sh{k} == sh{vecs[0]}" for k in vecs[1:]]
-            conds += [f"x{k}.numel() == 1" for k in rows]
-            conds += [f"len(sh{vecs[0]}) == {R}"]
-            dims = [f"sh{vecs[0]}[{d}]" for d in range(R)]
-            L.append(f"    if {' and '.join(conds)}:")
-            L.append(f"        m = M({', '.join(['1'] * (R - 1) + ['x%d.numel()' % vecs[0]] + ['0'] * ((R - 1) * nin))})")
-            L.append(f"        D = [{', '.join(dims)}]")
-            L.append("    else:")
-            ind = "        "
-        else:
-            ind = "    "
-        strides = []
-        for k, s in enumerate(spec.inputs):
-            if s.last is not None and s.vec:      # inner dim specialised to stride 1: must span N
-                L.append(f"{ind}if sh{k}[{s.last}] != {dl}: bad({k}, x{k}, D{R-1})")
-            elif s.last is not None:              # specialised to broadcast (stride 0): must be 1
-                L.append(f"{ind}if sh{k}[{s.last}] != 1: bad({k}, x{k}, D{R-1})")
-            if s.vec:
-                L.append(f"{ind}if {dl} > 1 and x{k}.stride({s.last}) != 1: x{k} = x{k}.contiguous()")
-            L.append(f"{ind}st{k} = x{k}.stride()")
-            for d in range(R - 1):
-                i = s.dmap[d]
-                if i is None:
-                    strides.append("0")
-                    continue
-                L.append(f"{ind}if sh{k}[{i}] != D{d} and sh{k}[{i}] != 1: bad({k}, x{k}, D{d})")
-                strides.append(f"(0 if sh{k}[{i}] == 1 else st{k}[{i}])")
-        L.append(f"{ind}D = [{', '.join(f'D{d}' for d in range(R))}]")
-        plain_m = f"m = M({', '.join([f'D{d}' for d in range(R)] + strides)})"
-        merge = self._coalesce_conditions(R) if spec.pointwise and R >= 2 else None
-        if merge:
-            # the last two dims as one inner dim where every operand allows it (NCHW with per-channel
-            # operands: rows of H*W instead of W): same memory order, longer vector loops
-            merged = ["1"] + [f"D{d}" for d in range(R - 2)] + [f"D{R - 2} * D{R - 1}"]
-            for k in range(nin):
-                merged += ["0"] + strides[k * (R - 1): k * (R - 1) + R - 2]
-            L.append(f"{ind}if {' and '.join(merge)}:")
-            L.append(f"{ind}    m = M({', '.join(merged)})")
-            L.append(f"{ind}else:")
-            L.append(f"{ind}    {plain_m}")
-        else:
-            L.append(f"{ind}{plain_m}")
-        outs = []
-        for j, (form, dtype) in enumerate(spec.outputs):
-            shape = {"full": "D", "rowk": "D[:-1] + [1]", "rown": "D[:-1]"}[form]
-            L.append(f"    o{j} = pool{j}.get({shape}, dt{j})")
-            outs.append(f"o{j}")
-        ptrs = [f"x{k}.data_ptr()" for k in range(nin)] + [f"{o}.data_ptr()" for o in outs]
-        nt = str(self.num_threads) if self.num_threads else "nthreads()"
-        L.append(f"    fn({nt}, m, {', '.join(ptrs)})")
-        L.append(f"    return {outs[0] if len(outs) == 1 else '(' + ', '.join(outs) + ',)'}")
-        src = "\n".join(L)
-        nm = self.kernel_name
+        merge = self._coalesce_conditions(spec.R) if spec.pointwise and spec.R >= 2 else None
+        src = _call_source(spec, merge, str(self.num_threads) if self.num_threads else "nthreads()")
+        g = self._call_globals()
+        exec(_compile_call(src), g)
+        self.call_source = src
+        return g["call"]
+
+    def _call_globals(self) -> dict[str, Any]:
+        """The names the generated call source reads: the kernel, its output pools and dtypes, the index
+        array type M, and `bad` (the error for an input that does not broadcast to the kernel domain)."""
+        spec, nm = self.spec, self.kernel_name
 
         def bad(k, t, d):
             raise RuntimeError(f"{nm}: input {k} of shape {tuple(t.shape)} does not broadcast to the kernel domain (dim {d})")
 
         g = {"fn": self.fn, "nthreads": torch.get_num_threads, "bad": bad,
-             "M": ctypes.c_int64 * (R + (R - 1) * nin)}
+             "M": ctypes.c_int64 * (spec.R + (spec.R - 1) * len(spec.inputs))}
         for j, (form, dtype) in enumerate(spec.outputs):
             g[f"pool{j}"] = self.pools[j]
             g[f"dt{j}"] = dtype
-        exec(_compile_call(src), g)
-        self.call_source = src
-        return g["call"]
+        return g
+
+
+def _call_source(spec: KernelSpec, merge: list[str] | None, nt: str) -> str:
+    """The Python source of `call(x0, x1, ...)` for `spec`: read the domain dims D0.. from the inputs, check
+    and stride each operand, fill the index array m (the merged-inner-dim form under the run-time conditions
+    `merge`, when given), take the outputs from their pools and call the kernel with `nt` threads."""
+    L = _domain_lines(spec)
+    ind = "    "
+    if spec.flatten:
+        L += _flat_fast_path(spec)
+        ind = "        "
+    checks, strides = _operand_lines(spec, ind)
+    L += checks
+    L += _index_lines(spec, ind, strides, merge)
+    L += _output_lines(spec, nt)
+    return "\n".join(L)
+
+
+def _domain_lines(spec: KernelSpec) -> list[str]:
+    """The def line, each input's shape as sh<k>, and each domain dim D<d> (from an input's shape or fixed)."""
+    nin = len(spec.inputs)
+    L = [f"def call({', '.join(f'x{k}' for k in range(nin))}):"]
+    for k in range(nin):
+        L.append(f"    sh{k} = x{k}.shape")
+    for d, (k, i) in enumerate(spec.dsrc):
+        L.append(f"    D{d} = sh{k}[{i}]" if k >= 0 else f"    D{d} = {i}")
+    return L
+
+
+def _flat_fast_path(spec: KernelSpec) -> list[str]:
+    """A flattening kernel: when every vec operand is contiguous with one shape (and every row operand one
+    element), one flat row of numel elements; the general path follows under `else:`."""
+    R, nin = spec.R, len(spec.inputs)
+    vecs = [k for k, s in enumerate(spec.inputs) if s.vec]
+    rows = [k for k, s in enumerate(spec.inputs) if not s.vec]
+    conds = [f"x{k}.is_contiguous()" for k in vecs]
+    conds += [f"sh{k} == sh{vecs[0]}" for k in vecs[1:]]
+    conds += [f"x{k}.numel() == 1" for k in rows]
+    conds += [f"len(sh{vecs[0]}) == {R}"]
+    dims = [f"sh{vecs[0]}[{d}]" for d in range(R)]
+    return [f"    if {' and '.join(conds)}:",
+            f"        m = M({', '.join(['1'] * (R - 1) + ['x%d.numel()' % vecs[0]] + ['0'] * ((R - 1) * nin))})",
+            f"        D = [{', '.join(dims)}]",
+            "    else:"]
+
+
+def _operand_lines(spec: KernelSpec, ind: str) -> tuple[list[str], list[str]]:
+    """(lines, strides): each operand's checks (its inner dim as specialised, every other dim broadcasting
+    to the domain) and its strides st<k>; the stride expressions, R-1 per operand, for the index array."""
+    R = spec.R
+    dl = f"D{R - 1}"
+    L: list[str] = []
+    strides: list[str] = []
+    for k, s in enumerate(spec.inputs):
+        if s.last is not None and s.vec:      # inner dim specialised to stride 1: must span N
+            L.append(f"{ind}if sh{k}[{s.last}] != {dl}: bad({k}, x{k}, D{R-1})")
+        elif s.last is not None:              # specialised to broadcast (stride 0): must be 1
+            L.append(f"{ind}if sh{k}[{s.last}] != 1: bad({k}, x{k}, D{R-1})")
+        if s.vec:
+            L.append(f"{ind}if {dl} > 1 and x{k}.stride({s.last}) != 1: x{k} = x{k}.contiguous()")
+        L.append(f"{ind}st{k} = x{k}.stride()")
+        for d in range(R - 1):
+            i = s.dmap[d]
+            if i is None:
+                strides.append("0")
+                continue
+            L.append(f"{ind}if sh{k}[{i}] != D{d} and sh{k}[{i}] != 1: bad({k}, x{k}, D{d})")
+            strides.append(f"(0 if sh{k}[{i}] == 1 else st{k}[{i}])")
+    return L, strides
+
+
+def _index_lines(spec: KernelSpec, ind: str, strides: list[str], merge: list[str] | None) -> list[str]:
+    """D as a list and the index array m = M(dims..., strides...); under `merge` the form with the last two
+    dims as one inner dim."""
+    R, nin = spec.R, len(spec.inputs)
+    L = [f"{ind}D = [{', '.join(f'D{d}' for d in range(R))}]"]
+    plain_m = f"m = M({', '.join([f'D{d}' for d in range(R)] + strides)})"
+    if not merge:
+        return L + [f"{ind}{plain_m}"]
+    # the last two dims as one inner dim where every operand allows it (NCHW with per-channel
+    # operands: rows of H*W instead of W): same memory order, longer vector loops
+    merged = ["1"] + [f"D{d}" for d in range(R - 2)] + [f"D{R - 2} * D{R - 1}"]
+    for k in range(nin):
+        merged += ["0"] + strides[k * (R - 1): k * (R - 1) + R - 2]
+    return L + [f"{ind}if {' and '.join(merge)}:", f"{ind}    m = M({', '.join(merged)})",
+                f"{ind}else:", f"{ind}    {plain_m}"]
+
+
+def _output_lines(spec: KernelSpec, nt: str) -> list[str]:
+    """Each output taken from its pool in its form's shape, the kernel call, the return."""
+    L, outs = [], []
+    for j, (form, dtype) in enumerate(spec.outputs):
+        shape = {"full": "D", "rowk": "D[:-1] + [1]", "rown": "D[:-1]"}[form]
+        L.append(f"    o{j} = pool{j}.get({shape}, dt{j})")
+        outs.append(f"o{j}")
+    ptrs = [f"x{k}.data_ptr()" for k in range(len(spec.inputs))] + [f"{o}.data_ptr()" for o in outs]
+    L.append(f"    fn({nt}, m, {', '.join(ptrs)})")
+    L.append(f"    return {outs[0] if len(outs) == 1 else '(' + ', '.join(outs) + ',)'}")
+    return L
 
 
 @functools.lru_cache(maxsize=512)
