@@ -11,251 +11,29 @@ Units: bytes, FLOPs (one multiply-add = 2 FLOPs), transcendental evaluations, se
 A "meta" is anything with .shape and .dtype (a FakeTensor, a real tensor, TensorMetadata); stride is
 used when present to count the distinct elements of a broadcast (expanded, stride-0) operand once.
 Symbolic sizes use their hint (fusion.dialect.values.hint: one answer for every stage); a missing or odd meta costs 0 (never raises).
-The per-op formulas are in the tables at the end of this file.
+`Cost` and its time: fusion/costmodel/cost.py; sizes and bytes of metas: fusion/costmodel/metas.py. The per-op
+formulas are at the end of this file, one function per op family (`_FORMULAS_EARLY`, `_FORMULAS_LATE`), over
+the tables of fusion/costmodel/ops_table.py.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 
 from fusion.dialect.values import UNKNOWN_SIZE as DEFAULT_SYMBOLIC_SIZE  # noqa: F401
-from fusion.dialect.values import hint as to_int
+from fusion.dialect.values import hint as to_int  # noqa: F401  (re-exported: passes.gemm)
 
 from fusion.dialect.graph_walk import reaches
+from fusion.costmodel.cost import Cost
 from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
-from fusion.costmodel.ops_table import _CONCAT, _CONV, _CREATE, _EMPTY, _GATHER, _GELU_TANH, _GEMM, _PW, _RED, _SCATTER, _SDPA, BASE_FN, TRANSCENDENTAL_FN, gemm_rate, is_view_target, op_name
+from fusion.costmodel.metas import distinct_bytes, flat_metas, is_tensor_meta, itemsize, map_args, nbytes, node_val, numel, shape_of
+from fusion.costmodel.ops_table import _CONCAT, _CONV, _CREATE, _EMPTY, _GATHER, _GELU_TANH, _GEMM, _PW, _RED, _SCATTER, _SDPA, BASE_FN, TRANSCENDENTAL_FN, is_view_target, op_name
+from fusion.costmodel.ops_table import gemm_rate  # noqa: F401  (re-exported)
 
 MMAP_THRESHOLD = 32 << 20     # bytes; glibc mmaps allocations this big afresh on every call
 PARALLEL_GRAIN = 32768        # elements; ATen's at::parallel_for (and generated kernels) stay serial below
-
-
-@dataclass
-class Cost:
-    bytes_read: float = 0.0
-    bytes_written: float = 0.0
-    flops: float = 0.0              # arithmetic FLOPs outside GEMMs (pointwise, reductions)
-    gemm_flops: float = 0.0         # FLOPs done by matrix multiplies (and attention's two GEMMs)
-    transcendentals: float = 0.0    # exp / tanh / erf / log / sigmoid / sin / cos / pow evaluations
-    calls: int = 0                  # kernel launches / ATen calls (all of them)
-    gemm_dtype: str = "float32"
-    aten_calls: int = 0             # how many of `calls` are ATen calls (charged hw.aten_overhead)
-    fresh_bytes: float = 0.0        # bytes written into outputs >= MMAP_THRESHOLD (page-faulted)
-    # --- added later; keyword-only in practice (positional construction above stays valid) ---
-    transcendental_mix: dict = field(default_factory=dict)  # "exp"/"erf"/"tanh" -> evaluations of it
-    parallel_regions: float = 0.0   # OpenMP parallel regions entered (charged hw.parallel_overhead)
-    view_calls: float = 0.0         # view ops called from Python (charged hw.view_overhead)
-    gemm_calls: float = 0.0         # independent GEMM problems in gemm_flops (bmm batch, heads); 0 = calls
-    generated: bool = False         # a generated (C++) kernel: hw.kernel_rates instead of ATen's rates
-
-    @property
-    def bytes(self) -> float:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def total_flops(self) -> float:
-        return self.flops + self.gemm_flops
-
-    @property
-    def intensity(self) -> float:
-        """Arithmetic intensity, FLOPs per byte moved."""
-        return self.total_flops / self.bytes if self.bytes else float("inf")
-
-    def __add__(self, other: "Cost") -> "Cost":
-        out = Cost()
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name == "gemm_dtype":
-                v = a if self.gemm_flops or not other.gemm_flops else b
-            elif f.name == "transcendental_mix":
-                v = {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {*a, *b}}
-            elif f.name == "generated":
-                v = a or b
-            else:
-                v = a + b
-            setattr(out, f.name, v)
-        return out
-
-    def scaled(self, k: float) -> "Cost":
-        def sc(name, v):
-            if name in ("gemm_dtype", "generated"):
-                return v
-            if name == "transcendental_mix":
-                return {f: n * k for f, n in v.items()}
-            return v * k
-        return Cost(*(sc(f.name, getattr(self, f.name)) for f in fields(self)))
-
-    def bandwidth(self, hw: HardwareProfile) -> float:
-        """hw.cache_bandwidth when all bytes moved fit in half the last-level cache, else hw.copy_bandwidth;
-        for a generated kernel the streaming bandwidths its compiled code reaches (hw.kernel_rates)."""
-        kr = self._kernel_rates(hw)
-        dram = kr.get("dram_bandwidth") or hw.copy_bandwidth
-        cache = kr.get("cache_bandwidth") or hw.cache_bandwidth
-        if cache and self.bytes <= hw.llc_bytes / 2:
-            return max(dram, cache)
-        return dram
-
-    def gemm_time(self, hw: HardwareProfile) -> float:
-        """GEMM FLOPs at the rate this GEMM size reaches: hw.gemm_curve (measured FLOP/s vs FLOPs per
-        GEMM, small sizes) interpolated log-log, the large-GEMM peak hw.gemm_flops beyond it."""
-        if not self.gemm_flops:
-            return 0.0
-        key = self.gemm_dtype
-        # bmm / attention rates are measured per call at head shapes (calibrate._attention_curves); a
-        # profile without them prices each independent problem at the fp32 GEMM rate
-        per_call = key in (BMM_KEY, ATTENTION_KEY)
-        if per_call and key not in hw.gemm_flops:
-            key, per_call = "float32", False
-        peak = hw.gemm_flops.get(key) or hw.gemm_flops.get("float32") or 1e12
-        curves = getattr(hw, "gemm_curve", None) or {}
-        curve = curves.get(key)
-        if curve is None and key == "float32_onednn" and curves.get("float32"):
-            # oneDNN's small-size curve is not measured: MKL's fp32 curve scaled by the ratio of the peaks
-            k = peak / (hw.gemm_flops.get("float32") or peak)
-            curve = [[f, r * k] for f, r in curves["float32"]]
-        n = (self.calls or 1) if per_call else (self.gemm_calls or self.calls or 1)
-        return self.gemm_flops / gemm_rate(curve, self.gemm_flops / n, peak)
-
-    def _kernel_rates(self, hw: HardwareProfile) -> dict:
-        return (getattr(hw, "kernel_rates", None) or {}) if self.generated else {}
-
-    def vector_time(self, hw: HardwareProfile) -> float:
-        """Non-GEMM FLOPs: ATen pointwise throughput (hw.vector_flops), or for a generated kernel the
-        register-level rate its compiled code reaches (hw.kernel_rates["flops"]) when measured."""
-        return self.flops / (self._kernel_rates(hw).get("flops") or hw.vector_flops)
-
-    def transcendental_time(self, hw: HardwareProfile) -> float:
-        """Evaluations of a known function at its own measured rate, the rest at the harmonic-mean rate
-        hw.transcendental_rate. ATen ops: hw.transcendental_rates (per op for gelu/silu/softmax, else per
-        function, ops_table.BASE_FN); generated kernels: hw.kernel_rates (glibc's vector functions)."""
-        if not self.transcendentals:
-            return 0.0
-        kr = self._kernel_rates(hw)
-        rates = kr or getattr(hw, "transcendental_rates", None) or {}
-        t, known = 0.0, 0.0
-        for fn, n in self.transcendental_mix.items():
-            r = (None if kr else rates.get(fn)) or rates.get(BASE_FN.get(fn, fn))
-            if r:
-                t += n / r
-                known += n
-        return t + max(self.transcendentals - known, 0.0) / hw.transcendental_rate
-
-    def time(self, hw: HardwareProfile, overhead: float | None = None) -> float:
-        """Predicted seconds on `hw`: the roofline max of the three limits, plus per-call overheads.
-
-        max(bytes / bandwidth, GEMM time + FLOPs / vector_flops + transcendental time)
-        (generated kernels: + (1 - overlap) * min of the two, hw.kernel_rates["overlap"] measured)
-        + fresh_bytes / hw.page_fault_bandwidth (first touch of freshly mmapped outputs)
-        + calls: `overhead` each when given; else ATen calls pay hw.aten_overhead, the others
-          hw.kernel_overhead (+ hw.launch_overhead on GPUs)
-        + parallel_regions * hw.parallel_overhead (OpenMP fork/join) + view_calls * hw.view_overhead."""
-        t_mem = self.bytes / self.bandwidth(hw)
-        t_cmp = self.gemm_time(hw) + self.vector_time(hw) + self.transcendental_time(hw)
-        pf = getattr(hw, "page_fault_bandwidth", 0.0)
-        t_fault = self.fresh_bytes / pf if pf else 0.0
-        if overhead is not None:
-            t_calls = self.calls * overhead
-        else:
-            launch = getattr(hw, "launch_overhead", 0.0)
-            kernels = max(self.calls - self.aten_calls, 0)
-            t_calls = kernels * (hw.kernel_overhead + launch) + self.aten_calls * hw.aten_overhead
-        t_calls += (self.parallel_regions * getattr(hw, "parallel_overhead", 0.0)
-                    + self.view_calls * getattr(hw, "view_overhead", 0.0))
-        # generated kernels: only the measured fraction `overlap` of the smaller term hides under the larger
-        ov = self._kernel_rates(hw).get("overlap", 1.0)
-        return max(t_mem, t_cmp) + (1.0 - ov) * min(t_mem, t_cmp) + t_fault + t_calls
-
-    def breakdown(self, hw: HardwareProfile) -> dict:
-        """Each roofline term in seconds and which one bounds the kernel ("memory"/"compute")."""
-        t_mem = self.bytes / hw.copy_bandwidth
-        t_cmp = (self.gemm_flops / (hw.gemm_flops.get(self.gemm_dtype) or hw.gemm_flops["float32"])
-                 + self.flops / hw.vector_flops + self.transcendentals / hw.transcendental_rate)
-        return {"memory_s": t_mem, "compute_s": t_cmp, "total_s": self.time(hw),
-                "bound": "memory" if t_mem >= t_cmp else "compute"}
-
-
-# ----------------------------------------------------------------------------------------------
-# metas: shapes, sizes, bytes (symbolic-safe)
-# ----------------------------------------------------------------------------------------------
-def is_tensor_meta(m) -> bool:
-    return hasattr(m, "shape") and hasattr(m, "dtype") and isinstance(getattr(m, "dtype"), torch.dtype)
-
-
-def shape_of(m) -> tuple[int, ...]:
-    try:
-        return tuple(to_int(d) for d in m.shape)
-    except Exception:
-        return ()
-
-
-def numel(m) -> int:
-    n = 1
-    for d in shape_of(m):
-        n *= d
-    return n
-
-
-def itemsize(m) -> int:
-    try:
-        return m.dtype.itemsize
-    except Exception:
-        return 4
-
-
-def nbytes(m) -> float:
-    """Bytes of a tensor as written (dense): numel * itemsize."""
-    return float(numel(m) * itemsize(m)) if is_tensor_meta(m) else 0.0
-
-
-def distinct_bytes(m) -> float:
-    """Bytes a kernel must read for operand m: its own elements, each once. A broadcast (stride-0)
-    dim does not multiply the count, so an expanded [1,1,S,S] mask costs S*S elements."""
-    if not is_tensor_meta(m):
-        return 0.0
-    shape = shape_of(m)
-    stride = None
-    try:
-        stride = tuple(to_int(s, 1) for s in m.stride())
-    except Exception:
-        try:
-            stride = tuple(to_int(s, 1) for s in m.stride)
-        except Exception:
-            stride = None
-    n = 1
-    for i, d in enumerate(shape):
-        if stride is not None and i < len(stride) and stride[i] == 0:
-            continue
-        n *= d
-    return float(n * itemsize(m))
-
-
-def flat_metas(x) -> list:
-    """All tensor metas in a (nested) value: a meta, a tuple/list of them, None, ints..."""
-    if is_tensor_meta(x):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [m for v in x for m in flat_metas(v)]
-    return []
-
-
-def node_val(n):
-    if not isinstance(n, torch.fx.Node):
-        return n
-    v = n.meta.get("val")
-    if v is None:
-        v = n.meta.get("tensor_meta")
-    return v
-
-
-def _map_args(a):
-    if isinstance(a, torch.fx.Node):
-        return node_val(a)
-    if isinstance(a, (list, tuple)):
-        return type(a)(_map_args(x) for x in a) if not hasattr(a, "_fields") else a
-    if isinstance(a, dict):
-        return {k: _map_args(v) for k, v in a.items()}
-    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +68,7 @@ def node_cost(node: torch.fx.Node) -> Cost:
             continue                                    # x * x reads x once
         seen.add(id(a))
         in_metas.extend(flat_metas(node_val(a)))
-    return op_cost(node.target, in_metas, node_val(node), _map_args(node.args), _map_args(node.kwargs))
+    return op_cost(node.target, in_metas, node_val(node), map_args(node.args), map_args(node.kwargs))
 
 
 def _flat_nodes(a) -> list[torch.fx.Node]:
@@ -488,6 +266,27 @@ def _sdpa_cost(name, ins, outs, args, kwargs) -> Cost:
     return c
 
 
+@dataclass
+class _Op:
+    """One op call as the per-op formulas read it: its name (and `base`, an in-place pointwise op's name
+    without the trailing _), tensor inputs and outputs (metas), arguments, output elements, first input's shape."""
+    name: str
+    base: str
+    ins: list
+    outs: list
+    args: tuple
+    kwargs: dict
+    out_elems: float
+    first: tuple
+
+    def arg(self, i, name, default=None):
+        return _arg(self.args, self.kwargs, i, name, default)
+
+    @property
+    def gelu_tanh(self) -> bool:
+        return self.name == "gelu" and self.arg(1, "approximate", "none") == "tanh"
+
+
 def _op_cost_impl(target, ins, out_meta, args, kwargs) -> Cost:
     ns, name = op_name(target)
     outs = flat_metas(out_meta)
@@ -497,95 +296,192 @@ def _op_cost_impl(target, ins, out_meta, args, kwargs) -> Cost:
     if not outs and not ns:
         return Cost()                       # python arithmetic on SymInts, asserts ...
     base = name[:-1] if name.endswith("_") and name[:-1] in _PW else name
-    out_elems = float(sum(numel(m) for m in outs))
+    op = _Op(name, base, ins, outs, args, kwargs, float(sum(numel(m) for m in outs)),
+             shape_of(ins[0]) if ins else ())
     written = sum(nbytes(m) for m in outs)
     read = sum(distinct_bytes(m) for m in ins)   # each operand's own elements once (broadcast: once)
     fresh = sum(nbytes(m) for m in outs if nbytes(m) >= MMAP_THRESHOLD)
     c = Cost(bytes_read=read, bytes_written=written, calls=1, aten_calls=1, fresh_bytes=fresh)
-    first = shape_of(ins[0]) if ins else ()
-    if ns == "fusion" and name == "layer_norm" or name in ("native_layer_norm", "layer_norm"):
-        # one read of x (+ weight, bias), one write. Per element: mean (1 add), x-mean (1),
-        # square+accumulate (2), *rstd (1), *weight (1), +bias (1) = 7 FLOPs; per row 1 rsqrt.
-        rows = numel(ins[0]) / max(first[-1] if first else 1, 1) if ins else 0
-        c.flops = 7.0 * numel(ins[0]) + 2.0 * rows if ins else 0.0
-    elif ns == "fusion" and name == "rms_norm" or name == "rms_norm":
-        # per element: x*x + accumulate (2), *rstd (1), *weight (1) = 4 FLOPs; per row mean + rsqrt.
-        rows = numel(ins[0]) / max(first[-1] if first else 1, 1) if ins else 0
-        c.flops = 4.0 * numel(ins[0]) + 2.0 * rows if ins else 0.0
-    elif name in ("_softmax", "softmax", "_safe_softmax", "special_softmax"):
-        # per element: max (1), x-max (1), exp (1 transcendental), sum (1), * 1/sum (1) = 4 FLOPs + 1 exp
-        c.flops, c.transcendentals = 4.0 * out_elems, out_elems
-    elif name in ("_log_softmax", "log_softmax", "special_log_softmax"):
-        # per element: max (1), x-max (1), exp (1 tr), sum (1), - log(sum) (1) = 4 FLOPs + 1 exp;
-        # per row one log.
-        dim = _arg(args, kwargs, 1, "dim", -1)
-        size = first[dim] if first and isinstance(dim, int) and -len(first) <= dim < len(first) else 1
-        c.flops, c.transcendentals = 4.0 * out_elems, out_elems + out_elems / max(size, 1)
-    elif name in ("_softmax_backward_data", "_log_softmax_backward_data"):
-        c.flops = 4.0 * out_elems           # g*y, row sum, g - s, * y
-        c.transcendentals = out_elems if name.startswith("_log") else 0.0
-    elif name == "native_layer_norm_backward" or name == "native_group_norm_backward":
-        c.flops = 12.0 * (numel(ins[0]) if ins else 0)
-    elif name in ("native_group_norm", "group_norm", "_native_batch_norm_legit_no_training",
-                  "_native_batch_norm_legit", "native_batch_norm", "batch_norm"):
-        c.flops = 7.0 * (numel(ins[0]) if ins else 0)
-    elif name in _GEMM:
-        g = _gemm_cost(name, ins, outs, args, kwargs)
-        c.gemm_flops, c.flops, c.gemm_dtype, c.gemm_calls = g.gemm_flops, g.flops, g.gemm_dtype, g.gemm_calls
-    elif name in _CONV:
-        g = _conv_cost(name, ins, outs, args, kwargs)
-        c.gemm_flops, c.flops, c.gemm_dtype = g.gemm_flops, g.flops, g.gemm_dtype
-    elif name in _SDPA:
-        g = _sdpa_cost(name, ins, outs, args, kwargs)
-        c.gemm_flops, c.flops, c.transcendentals, c.gemm_dtype = g.gemm_flops, g.flops, g.transcendentals, g.gemm_dtype
-        c.transcendental_mix, c.gemm_calls = g.transcendental_mix, g.gemm_calls
-    elif name == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
-        c.flops, c.transcendentals = _GELU_TANH[0] * out_elems, _GELU_TANH[1] * out_elems
-    elif name in ("pow", "float_power"):
-        e = args[1] if len(args) > 1 and isinstance(args[1], (int, float)) else kwargs.get("exponent")
-        if isinstance(e, (int, float)) and e in (0, 1, 2, 3, 0.5, -0.5, -1, -2):
-            c.flops = (2.0 if e in (3, -2) else 1.0) * out_elems   # x*x, sqrt, rsqrt, 1/x
-        else:
-            c.flops, c.transcendentals = out_elems, 2.0 * out_elems    # exp(e * log(x))
-    elif base in _PW:
-        f, t = _PW[base]
-        if name in ("add", "sub") and _arg(args, kwargs, 2, "alpha", 1) not in (1, None):
-            f += 1
-        c.flops, c.transcendentals = f * out_elems, t * out_elems
-    elif name in _RED:
-        f, t = _RED[name]
-        n_in = float(numel(ins[0])) if ins else out_elems
-        c.flops, c.transcendentals = f * n_in, t * n_in
-    elif name in _CREATE:
-        c.bytes_read = 0.0
-        c.flops = 4.0 * out_elems if name.startswith("rand") else 0.0
-    elif name in _EMPTY:
-        c.bytes_read = c.bytes_written = c.fresh_bytes = 0.0
-    elif name in _GATHER:
-        # the gathered rows (output-sized, in the source dtype) + the index tensors
-        src = ins[0] if ins else None       # embedding(weight, indices), index_select(self, ...)
-        idx = [m for m in ins if m is not src]
-        c.bytes_read = out_elems * (itemsize(src) if src is not None else 4) + sum(distinct_bytes(m) for m in idx)
-    elif name in _SCATTER or name in _CONCAT:
-        pass                                # read every input once, write the output: the default
-    elif name in ("native_dropout", "dropout"):
-        train = _arg(args, kwargs, 2, "train", False)
-        c.flops = (3.0 if train else 0.0) * numel(ins[0]) if ins else 0.0
-    elif name in ("sort", "topk", "argsort", "msort", "kthvalue", "median"):
-        n_in = float(numel(ins[0])) if ins else 0.0
-        size = first[-1] if first else 1
-        c.flops = n_in * max(size, 2).bit_length()   # ~ n log2 n comparisons
-    else:
-        c.flops = out_elems                 # unknown op: read inputs, write outputs, 1 FLOP/element
+    _formula(op)(op, c)
     if c.transcendentals and not c.transcendental_mix:
-        fn = TRANSCENDENTAL_FN.get(base)
-        if name == "gelu" and _arg(args, kwargs, 1, "approximate", "none") == "tanh":
-            fn = "tanh"
+        fn = "tanh" if op.gelu_tanh else TRANSCENDENTAL_FN.get(base)
         if fn:
             c.transcendental_mix = {fn: c.transcendentals}
     # ATen splits an op over the threads (one OpenMP parallel region) above its grain size
-    work = max(out_elems, max((numel(m) for m in ins), default=0))
+    work = max(op.out_elems, max((numel(m) for m in ins), default=0))
     if (work > PARALLEL_GRAIN or c.gemm_flops) and name not in _EMPTY:
         c.parallel_regions = 1.0
     return c
 
+
+def _formula(op: _Op):
+    """The formula of op's family: the first family naming it in `_FORMULAS` (before the pointwise ones),
+    else tanh-GELU, else pointwise (by `base`), else the later families, else the unknown-op default."""
+    f = _EARLY.get(op.name)
+    if f is not None:
+        return f
+    if op.gelu_tanh:
+        return _gelu_tanh
+    if op.base in _PW:
+        return _pointwise
+    return _LATE.get(op.name, _unknown)
+
+
+# Each formula fills the FLOPs / transcendentals (and, where they differ from "read every input once,
+# write every output", the bytes) of Cost `c` for the op call `op`.
+
+def _rows(op: _Op) -> float:
+    return numel(op.ins[0]) / max(op.first[-1] if op.first else 1, 1) if op.ins else 0
+
+
+def _layer_norm(op: _Op, c: Cost) -> None:
+    # one read of x (+ weight, bias), one write. Per element: mean (1 add), x-mean (1),
+    # square+accumulate (2), *rstd (1), *weight (1), +bias (1) = 7 FLOPs; per row 1 rsqrt.
+    c.flops = 7.0 * numel(op.ins[0]) + 2.0 * _rows(op) if op.ins else 0.0
+
+
+def _rms_norm(op: _Op, c: Cost) -> None:
+    # per element: x*x + accumulate (2), *rstd (1), *weight (1) = 4 FLOPs; per row mean + rsqrt.
+    c.flops = 4.0 * numel(op.ins[0]) + 2.0 * _rows(op) if op.ins else 0.0
+
+
+def _softmax(op: _Op, c: Cost) -> None:
+    # per element: max (1), x-max (1), exp (1 transcendental), sum (1), * 1/sum (1) = 4 FLOPs + 1 exp
+    c.flops, c.transcendentals = 4.0 * op.out_elems, op.out_elems
+
+
+def _log_softmax(op: _Op, c: Cost) -> None:
+    # per element: max (1), x-max (1), exp (1 tr), sum (1), - log(sum) (1) = 4 FLOPs + 1 exp;
+    # per row one log.
+    dim, first = op.arg(1, "dim", -1), op.first
+    size = first[dim] if first and isinstance(dim, int) and -len(first) <= dim < len(first) else 1
+    c.flops, c.transcendentals = 4.0 * op.out_elems, op.out_elems + op.out_elems / max(size, 1)
+
+
+def _softmax_backward(op: _Op, c: Cost) -> None:
+    c.flops = 4.0 * op.out_elems            # g*y, row sum, g - s, * y
+    c.transcendentals = op.out_elems if op.name.startswith("_log") else 0.0
+
+
+def _norm_backward(op: _Op, c: Cost) -> None:
+    c.flops = 12.0 * (numel(op.ins[0]) if op.ins else 0)
+
+
+def _norm(op: _Op, c: Cost) -> None:
+    c.flops = 7.0 * (numel(op.ins[0]) if op.ins else 0)
+
+
+def _gemm(op: _Op, c: Cost) -> None:
+    g = _gemm_cost(op.name, op.ins, op.outs, op.args, op.kwargs)
+    c.gemm_flops, c.flops, c.gemm_dtype, c.gemm_calls = g.gemm_flops, g.flops, g.gemm_dtype, g.gemm_calls
+
+
+def _conv(op: _Op, c: Cost) -> None:
+    g = _conv_cost(op.name, op.ins, op.outs, op.args, op.kwargs)
+    c.gemm_flops, c.flops, c.gemm_dtype = g.gemm_flops, g.flops, g.gemm_dtype
+
+
+def _sdpa(op: _Op, c: Cost) -> None:
+    g = _sdpa_cost(op.name, op.ins, op.outs, op.args, op.kwargs)
+    c.gemm_flops, c.flops, c.transcendentals, c.gemm_dtype = g.gemm_flops, g.flops, g.transcendentals, g.gemm_dtype
+    c.transcendental_mix, c.gemm_calls = g.transcendental_mix, g.gemm_calls
+
+
+def _pow(op: _Op, c: Cost) -> None:
+    args = op.args
+    e = args[1] if len(args) > 1 and isinstance(args[1], (int, float)) else op.kwargs.get("exponent")
+    if isinstance(e, (int, float)) and e in (0, 1, 2, 3, 0.5, -0.5, -1, -2):
+        c.flops = (2.0 if e in (3, -2) else 1.0) * op.out_elems   # x*x, sqrt, rsqrt, 1/x
+    else:
+        c.flops, c.transcendentals = op.out_elems, 2.0 * op.out_elems    # exp(e * log(x))
+
+
+def _gelu_tanh(op: _Op, c: Cost) -> None:
+    c.flops, c.transcendentals = _GELU_TANH[0] * op.out_elems, _GELU_TANH[1] * op.out_elems
+
+
+def _pointwise(op: _Op, c: Cost) -> None:
+    f, t = _PW[op.base]
+    if op.name in ("add", "sub") and op.arg(2, "alpha", 1) not in (1, None):
+        f += 1
+    c.flops, c.transcendentals = f * op.out_elems, t * op.out_elems
+
+
+def _reduction(op: _Op, c: Cost) -> None:
+    f, t = _RED[op.name]
+    n_in = float(numel(op.ins[0])) if op.ins else op.out_elems
+    c.flops, c.transcendentals = f * n_in, t * n_in
+
+
+def _create(op: _Op, c: Cost) -> None:
+    c.bytes_read = 0.0
+    c.flops = 4.0 * op.out_elems if op.name.startswith("rand") else 0.0
+
+
+def _empty(op: _Op, c: Cost) -> None:
+    c.bytes_read = c.bytes_written = c.fresh_bytes = 0.0
+
+
+def _gather(op: _Op, c: Cost) -> None:
+    # the gathered rows (output-sized, in the source dtype) + the index tensors
+    src = op.ins[0] if op.ins else None     # embedding(weight, indices), index_select(self, ...)
+    idx = [m for m in op.ins if m is not src]
+    c.bytes_read = op.out_elems * (itemsize(src) if src is not None else 4) + sum(distinct_bytes(m) for m in idx)
+
+
+def _copy_in_out(op: _Op, c: Cost) -> None:
+    pass                                    # read every input once, write the output: the default
+
+
+def _dropout(op: _Op, c: Cost) -> None:
+    train = op.arg(2, "train", False)
+    c.flops = (3.0 if train else 0.0) * numel(op.ins[0]) if op.ins else 0.0
+
+
+def _sort(op: _Op, c: Cost) -> None:
+    n_in = float(numel(op.ins[0])) if op.ins else 0.0
+    size = op.first[-1] if op.first else 1
+    c.flops = n_in * max(size, 2).bit_length()   # ~ n log2 n comparisons
+
+
+def _unknown(op: _Op, c: Cost) -> None:
+    c.flops = op.out_elems                  # unknown op: read inputs, write outputs, 1 FLOP/element
+
+
+#: (op names, formula) in the order they are tried: the families before the pointwise ops, then (after
+#: tanh-GELU and the pointwise table `_PW`, see `_formula`) the later ones; the first family naming an op wins.
+_FORMULAS_EARLY = [
+    (("native_layer_norm", "layer_norm"), _layer_norm),          # (fusion.layer_norm too)
+    (("rms_norm",), _rms_norm),                                   # (fusion.rms_norm too)
+    (("_softmax", "softmax", "_safe_softmax", "special_softmax"), _softmax),
+    (("_log_softmax", "log_softmax", "special_log_softmax"), _log_softmax),
+    (("_softmax_backward_data", "_log_softmax_backward_data"), _softmax_backward),
+    (("native_layer_norm_backward", "native_group_norm_backward"), _norm_backward),
+    (("native_group_norm", "group_norm", "_native_batch_norm_legit_no_training",
+      "_native_batch_norm_legit", "native_batch_norm", "batch_norm"), _norm),
+    (_GEMM, _gemm),
+    (_CONV, _conv),
+    (_SDPA, _sdpa),
+    (("pow", "float_power"), _pow),     # (after tanh-GELU in the order; no name is both)
+]
+_FORMULAS_LATE = [
+    (_RED, _reduction),
+    (_CREATE, _create),
+    (_EMPTY, _empty),
+    (_GATHER, _gather),
+    ((*_SCATTER, *_CONCAT), _copy_in_out),
+    (("native_dropout", "dropout"), _dropout),
+    (("sort", "topk", "argsort", "msort", "kthvalue", "median"), _sort),
+]
+
+
+def _first_wins(families) -> dict:
+    table: dict = {}
+    for names, formula in families:
+        for n in names:
+            table.setdefault(n, formula)
+    return table
+
+
+_EARLY = _first_wins(_FORMULAS_EARLY)
+_LATE = _first_wins(_FORMULAS_LATE)
