@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -23,12 +24,25 @@ from fusion.errors import FusionInputError, warn_fallback
 from fusion.pipeline import CompiledGraph, compile_graph
 from fusion.analysis.explain import explain_text, format_table, kernel_table
 
+#: What optimize/analyze/compare take as example inputs: the positional arguments of model.forward as a
+#: tuple or list, or one tensor (fusion.capture.check_inputs makes it a tuple).
+ExampleInputs = Union[torch.Tensor, tuple[Any, ...], list[Any]]
+#: How one graph placeholder is read at call time: a weight, buffer or lifted constant, looked up by name on
+#: the original module each call (so in-place updates are seen); None marks a user input.
+Accessor = Callable[[], torch.Tensor]
+#: What a torch.export graph is specialised to (`_signature`): one entry per input leaf.
+Signature = tuple[tuple[Any, ...], ...]
+
 
 class OptimizedModule(torch.nn.Module):
     """The optimized program. Call it like the original model (inference: it runs under no_grad).
 
     Weights are not copied: they are looked up by name on the original module at every call, so
     in-place updates (load_state_dict, optimizer steps) are seen. `.code` prints the program.
+
+    Public state, read by fusion.analysis and fusion.store: `captured` (the first torch.export capture, None
+    when nothing was captured whole), `accessors` (how each of its placeholders is bound), `example_inputs`,
+    `graphs` (the compiled graphs) and `flat_args(*args, **kwargs)` (user inputs -> the graph's arguments).
     """
 
     MAX_SHAPE_VARIANTS = 8
@@ -41,16 +55,16 @@ class OptimizedModule(torch.nn.Module):
         self.capture_note = ""
         self.capture_seconds = 0.0
         self.graphs: list[CompiledGraph] = []
-        self._example_inputs = tuple(example_inputs)
-        self._captured: Captured | None = None
-        self._accessors: list[Any] = []
-        self._dynamo: Any = None
+        self.example_inputs: tuple[Any, ...] = tuple(example_inputs)
+        self.captured: Captured | None = None
+        self.accessors: list[Accessor | None] = []
+        self._dynamo: Callable[..., Any] | None = None
         # torch.export specialises the graph to the example shapes; other shapes get their own capture
         # (kernels take sizes at run time, so recompiling them is a cache hit), at most MAX_SHAPE_VARIANTS.
-        self._variants: dict[tuple, tuple[Captured, list[Any], CompiledGraph]] = {}
+        self._variants: dict[Signature, tuple[Captured, list[Accessor | None], CompiledGraph]] = {}
 
     # -- construction ----------------------------------------------------------------------------
-    def _from_structural_cache(self, args: Sequence[Any], kwargs: dict) -> tuple[bool, str | None]:
+    def _from_structural_cache(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bool, str | None]:
         """Look the module up in the structural cache before capturing it (fusion/store/structural.py).
         Returns (hit, key): on a hit the variant is ready; on a miss, `key` is where to store it."""
         if kwargs:
@@ -71,8 +85,11 @@ class OptimizedModule(torch.nn.Module):
         self._add_variant(hit.captured, hit.graph, args, kwargs)
         return True, None
 
-    def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict, key: str | None = None) -> None:
+    def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict[str, Any],
+                    key: str | None = None) -> None:
+        """Compile a fresh torch.export capture, store it in the structural cache under `key`, add the variant."""
         self.capture_method = "torch.export"
+        assert captured.gm is not None  # a fresh capture always has its graph (only cached ones lack it)
         weights = flat = None
         if self.config.approximate:  # the accuracy guard runs the program on the example inputs
             from fusion.approx import bind
@@ -85,17 +102,18 @@ class OptimizedModule(torch.nn.Module):
         structural.store(key, captured, graph, self.config)
         self._add_variant(captured, graph, args, kwargs)
 
-    def _add_variant(self, captured: Captured, graph: CompiledGraph, args: Sequence[Any], kwargs: dict) -> None:
+    def _add_variant(self, captured: Captured, graph: CompiledGraph, args: Sequence[Any],
+                     kwargs: dict[str, Any]) -> None:
         accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
         self._stack_weights(graph, accessors)
         if not self._variants:
-            self._captured, self._accessors = captured, accessors
+            self.captured, self.accessors = captured, accessors
             self.graphs = [graph]
         if len(self._variants) >= self.MAX_SHAPE_VARIANTS:
             self._variants.pop(next(iter(self._variants)))
         self._variants[_signature(args, kwargs)] = (captured, accessors, graph)
 
-    def _stack_weights(self, graph: CompiledGraph, accessors: list[Any]) -> None:
+    def _stack_weights(self, graph: CompiledGraph, accessors: list[Accessor | None]) -> None:
         """The weights of each merged product group (`fusion.stacked_linear`, fusion/passes/merge.py) become
         adjacent rows of one block, in place, group by group (fusion.dialect.stacked.make_adjacent), so the merged
         GEMM reads them as one zero-copy view. A group that cannot be moved runs as separate GEMMs (correct)."""
@@ -122,31 +140,38 @@ class OptimizedModule(torch.nn.Module):
 
         self.capture_method = "dynamo"
         backend = functools.partial(fusion_backend, options=self.config, on_compiled=self.graphs.append)
-        self._dynamo = torch.compile(self.original, backend=backend)
+        self._dynamo = compiled = torch.compile(self.original, backend=backend)
         with torch.no_grad():
-            self._dynamo(*self._example_inputs)  # compiles now, not at the user's first call
+            compiled(*self.example_inputs)  # compiles now, not at the user's first call
 
-    def _accessor(self, captured: Captured, kind: str, name: str) -> Any:
+    def _accessor(self, captured: Captured, kind: str, name: str) -> Accessor | None:
+        """How the placeholder bound to (kind, name) is read at call time; None for a user input."""
         if kind == "user":
             return None
         if kind == "constant":
+            # lifted constants make a module uncacheable (fusion/store/structural.py), so a capture ran
+            assert captured.program is not None
             value = captured.program.constants[name]
             return lambda: value
+        return self._weight(name)
+
+    def _weight(self, name: str) -> Accessor:
+        """Reads the parameter or buffer `name` (a dotted path) of the original module at each call."""
         owner_path, _, attr = name.rpartition(".")
         owner = self.original.get_submodule(owner_path) if owner_path else self.original
         return lambda: getattr(owner, attr)
 
-    @staticmethod
-    def _flat_args(accessors: list[Any], args: Sequence[Any], kwargs: dict) -> list[Any]:
-        user = iter(pytree.tree_leaves((tuple(args), kwargs)))
-        return [next(user) if acc is None else acc() for acc in accessors]
+    def flat_args(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The user inputs `args, kwargs` (as the model takes them) flattened into the argument list of the
+        captured graph: weights, buffers and constants read from the module now, user leaves in order."""
+        return _flat_args(self.accessors, args, kwargs)
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._dynamo is not None:
             with torch.no_grad():
                 return self._dynamo(*args, **kwargs)
-        if self._captured is None:  # nothing could be captured: the original model runs
+        if self.captured is None:  # nothing could be captured: the original model runs
             return self.original(*args, **kwargs)
         variant = self._variants.get(_signature(args, kwargs))
         if variant is None:
@@ -160,12 +185,12 @@ class OptimizedModule(torch.nn.Module):
                 return self.original(*args, **kwargs)
             variant = self._variants[_signature(args, kwargs)]
         cap, accessors, graph = variant
-        flat = self._flat_args(accessors, args, kwargs)
+        flat = _flat_args(accessors, args, kwargs)
         with torch.no_grad():
             outs = graph(*flat)
         if cap.buffer_mutations:
             for i, target in cap.buffer_mutations.items():
-                self._accessor(cap, "buffer", target)().copy_(outs[i])
+                self._weight(target)().copy_(outs[i])
             outs = [o for i, o in enumerate(outs) if i not in cap.buffer_mutations]
         return pytree.tree_unflatten(list(outs), cap.out_spec)
 
@@ -179,6 +204,7 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def graph_module(self) -> fx.GraphModule | None:
+        """The lowered GraphModule of the first compiled graph; None when nothing was captured."""
         return self.graphs[0].gm if self.graphs else None
 
     def explain(self) -> str:
@@ -189,31 +215,33 @@ class OptimizedModule(torch.nn.Module):
             return head + "fusion: nothing was captured, so the original module runs unchanged.\n"
         return head + "\n".join(explain_text(name, g) for g in self.graphs)
 
-    def save(self, path: str) -> Any:
-        """Write the program (readable JSON + Python), and the weights as safetensors, to directory `path`."""
+    def save(self, path: str | Path) -> Path:
+        """Write the program (readable JSON + Python), and the weights as safetensors, to directory `path`;
+        returns that directory."""
         from fusion.store.program import save_program
 
         return save_program(self, path)
 
-    def report(self, *, measure: bool = True, print_table: bool = True) -> list[dict]:
+    def report(self, *, measure: bool = True, print_table: bool = True) -> list[dict[str, Any]]:
         """Per kernel: FLOPs, bytes, arithmetic intensity, predicted and measured time, achieved bandwidth, MBU.
 
         Measured times come from running the program on the example inputs (a few repetitions; export
         capture only — with Dynamo capture the graph inputs are not known here, so only predictions).
         Returns the rows; prints them as a table unless print_table=False.
         """
-        rows: list[dict] = []
+        rows: list[dict[str, Any]] = []
         for g in self.graphs:
             inputs = None
-            if measure and self._captured is not None:
-                inputs = self._flat_args(self._accessors, self._example_inputs, {})
+            if measure and self.captured is not None:
+                inputs = self.flat_args(*self.example_inputs)
             rows += kernel_table(g, inputs)
         if print_table:
             print(format_table(rows))
         return rows
 
 
-def _as_config(config: Any, options: dict) -> Config:
+def _as_config(config: Config | dict[str, Any] | None, options: dict[str, Any]) -> Config:
+    """The Config to use: `config` (a Config or a dict of its fields) or else the keyword `options`."""
     if config is None:
         return Config.from_options(options)
     if options:
@@ -225,7 +253,8 @@ def _as_config(config: Any, options: dict) -> Config:
     return config
 
 
-def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, **options: Any) -> OptimizedModule:
+def optimize(model: torch.nn.Module, example_inputs: ExampleInputs, config: Config | dict[str, Any] | None = None,
+             **options: Any) -> OptimizedModule:
     """Capture `model` on `example_inputs`, rewrite, fuse and compile it; return the optimized module.
 
     >>> opt = fusion.optimize(model, (x,))
@@ -261,10 +290,17 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
 
 
 def _placeholders(captured: Captured) -> list[fx.Node]:
+    assert captured.gm is not None  # called on fresh captures only (OptimizedModule._use_export)
     return [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
 
 
-def _signature(args: Sequence[Any], kwargs: dict) -> tuple:
+def _flat_args(accessors: Sequence[Accessor | None], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """One variant's graph arguments: each accessor's value, or the next user leaf of (args, kwargs)."""
+    user = iter(pytree.tree_leaves((tuple(args), kwargs)))
+    return [next(user) if acc is None else acc() for acc in accessors]
+
+
+def _signature(args: Sequence[Any], kwargs: dict[str, Any]) -> Signature:
     """What a torch.export graph is specialised to: shapes, dtypes and devices of tensors, other values."""
     return tuple(
         (tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)[:64])

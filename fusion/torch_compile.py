@@ -6,16 +6,19 @@ un-installed checkouts, by `import fusion`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch.fx as fx
 
 from fusion.config import Config
 
+if TYPE_CHECKING:  # annotations only: the driver is imported when a graph is compiled
+    from fusion.pipeline import CompiledGraph
+
 
 def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Config | None = None,
-                   on_compiled: Callable[[Any], None] | None = None, **_ignored: Any) -> Any:
+                   on_compiled: Callable[[CompiledGraph], None] | None = None,
+                   **_ignored: Any) -> Callable[..., Any]:
     """A Dynamo backend. `options` are `fusion.Config` fields, e.g. `options={"approximate": {"bf16"}}`.
 
     `on_compiled(compiled_graph)` is called for every graph compiled (fusion.optimize collects them).

@@ -623,7 +623,7 @@ def test_bf16_mode_activations_cross_kernels_in_bf16(block):
     assert reads_bf16
     assert any(dt == _BF16 for m in kernels.values() for _, dt in m.spec.outputs)   # the LN writes bf16 too
     with torch.no_grad():
-        out, unlowered = opt(x), g.program_gm(*opt._flat_args(opt._accessors, (x,), {}))
+        out, unlowered = opt(x), g.program_gm(*opt.flat_args(x))
     unlowered = unlowered[0] if isinstance(unlowered, (tuple, list)) else unlowered
     # (not bit-equal: the generated kernels sum in another fp32 order, and a 1-ulp change can flip a later
     # bf16 rounding; on MiniLM old and new lowerings differ from the unlowered program alike, 7e-4 at most)

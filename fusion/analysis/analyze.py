@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -32,6 +32,9 @@ from fusion.config import Config
 from fusion.analysis.comparison import Comparison
 from fusion.analysis.plots import roofline_plot
 from fusion.errors import FusionInputError
+
+if TYPE_CHECKING:  # annotations only: analyze imports fusion.api when it is called
+    from fusion.api import ExampleInputs, OptimizedModule
 
 _FREE = {"placeholder", "output", "get_attr"}
 
@@ -160,7 +163,7 @@ class Analysis:
             self._act_cache[key] = memory.peak_activations_at(self.model, self.inputs, self.batch, self.seq, batch, seq)
         return self._act_cache[key]
 
-    def memory(self, batch: int, seq: int) -> dict:
+    def memory(self, batch: int, seq: int) -> dict[str, Any]:
         """Bytes: weights, peak activations of one forward, KV cache (0 without attention), and total."""
         act = self.activation_bytes(batch, seq)
         kv = self.kv_cache_bytes(batch, seq) if self.kv_bytes_per_token else 0.0
@@ -181,11 +184,11 @@ class Analysis:
                                        kv, title, label)
 
     # -- comparison and export ----------------------------------------------------------------------
-    def compare(self, other: "Analysis") -> Any:
+    def compare(self, other: "Analysis") -> Comparison:
         """Before (self) vs after (other): kernels, bytes, FLOPs, predicted and measured time."""
         return Comparison(self, other)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         nodes = [dict(s.__dict__, intensity=s.intensity if s.bytes else None, mbu=self.mbu(s)) for s in self.nodes]
         out = {"label": self.label, "totals": self.totals, "weight_bytes": self.weight_bytes,
                "peak_activation_bytes": self.peak_activation_bytes, "batch": self.batch, "seq": self.seq,
@@ -318,7 +321,7 @@ def build(gm: fx.GraphModule, args: Sequence[Any] | None, hw: Any, model: torch.
                     memory.kv_bytes_per_token_from_config(model), batch, seq, label, model, inputs)
 
 
-def analyze(model: torch.nn.Module, example_inputs: Any = None, *, measure: bool = True,
+def analyze(model: torch.nn.Module, example_inputs: ExampleInputs | None = None, *, measure: bool = True,
             config: Config | None = None, repeat: int = 3) -> Analysis:
     """Per-node FLOPs/MACs/bytes/intensity/predicted and measured time/MBU/bound, totals, memory footprint.
 
@@ -348,24 +351,26 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None, *, measure: bool
                  type(model).__name__, repeat=repeat)
 
 
-def program_inputs(opt: Any, example_inputs: Any = None) -> tuple[Any, list[Any]]:
+def program_inputs(opt: OptimizedModule,
+                   example_inputs: ExampleInputs | None = None) -> tuple[tuple[Any, ...], list[Any]]:
     """(user inputs, the flat argument list of the optimized program's graph) of an OptimizedModule."""
-    if opt._captured is None or not opt.graphs:
+    if opt.captured is None or not opt.graphs:
         raise FusionInputError(
             f"only programs captured whole by torch.export can be analysed; this model was captured by "
             f"{opt.capture_method!r}{opt.capture_note}. Analyse the model itself: fusion.analyze(model, inputs)")
-    inputs = opt._example_inputs if example_inputs is None else check_inputs(opt.original, example_inputs)
-    return inputs, opt._flat_args(opt._accessors, inputs, {})
+    inputs = opt.example_inputs if example_inputs is None else check_inputs(opt.original, example_inputs)
+    return inputs, opt.flat_args(*inputs)
 
 
-def _analyze_optimized(opt: Any, example_inputs: Any, measure: bool, repeat: int) -> Analysis:
+def _analyze_optimized(opt: OptimizedModule, example_inputs: ExampleInputs | None, measure: bool,
+                       repeat: int) -> Analysis:
     from fusion.pipeline import hardware
 
     inputs, args = program_inputs(opt, example_inputs)
     g = opt.graphs[0]
     progress.stage("measure: each kernel and ATen call alone" if measure else "cost")
     a = build(g.gm, args if measure else None, hardware(g.config), opt.original, inputs,
-              opt._captured.input_bindings, f"{type(opt.original).__name__} (fusion)",
+              opt.captured.input_bindings, f"{type(opt.original).__name__} (fusion)",
               {k.name: k for k in g.log.kernels}, g.program_gm, repeat)
     a.model = None  # other shapes would be captured from the original model, not this program
     return a

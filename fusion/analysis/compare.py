@@ -11,7 +11,7 @@ module end to end (median of `repeat` calls after a warm-up) when `fusion.compar
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,8 +20,11 @@ from fusion.analysis.analyze import analyze, build, program_inputs
 from fusion.analysis.comparison import Comparison, _median_time
 from fusion.config import Config
 
+if TYPE_CHECKING:  # annotations only: compare imports fusion.api when it is called
+    from fusion.api import ExampleInputs
 
-def compare(model: torch.nn.Module, example_inputs: Any = None, config: Config | None = None, *,
+
+def compare(model: torch.nn.Module, example_inputs: ExampleInputs | None = None, config: Config | None = None, *,
             measure: bool = True, repeat: int = 3, end_to_end_repeat: int = 10) -> Comparison:
     """Optimize `model` (or take a `fusion.optimize` result) and compare the captured ATen graph, run op by
     op, with the optimized program: kernels, bytes, FLOPs, predicted and measured time."""
@@ -33,7 +36,7 @@ def compare(model: torch.nn.Module, example_inputs: Any = None, config: Config |
     after = analyze(opt, inputs, measure=measure, repeat=repeat)
     progress.stage("measure: the captured graph, each ATen call alone")
     before = build(g.source_gm, args if measure else None, after.hw, opt.original, inputs,
-                   opt._captured.input_bindings, type(opt.original).__name__, repeat=repeat)
+                   opt.captured.input_bindings, type(opt.original).__name__, repeat=repeat)
     e2e = {}
     if measure:
         progress.stage("measure: both programs end to end")

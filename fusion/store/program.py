@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.utils._pytree as pytree
@@ -29,20 +29,39 @@ from fusion.errors import FusionInputError
 from fusion.store.serialize import fake_placeholders, graph_from_dict, graph_to_dict
 from fusion.store.weights import load_safetensors_mmap, save_safetensors
 
+if TYPE_CHECKING:  # annotations only (the driver itself is imported when a program is recompiled)
+    from fusion.capture import Captured
+    from fusion.pipeline import CompiledGraph
+
 FORMAT = "fusion-program/2"
 READS = ("fusion-program/1", FORMAT)
 log = logging.getLogger("fusion.store.program")
 
 
-def save_program(opt: Any, path: str | Path) -> Path:
+class SavableProgram(Protocol):
+    """What save_program reads of a `fusion.OptimizedModule` (fusion/api.py is a layer above this module,
+    so it is described here rather than imported)."""
+
+    original: torch.nn.Module
+    config: Config
+    capture_method: str
+    capture_note: str
+    graphs: list[CompiledGraph]
+    captured: Captured | None
+    accessors: list[Callable[[], torch.Tensor] | None]
+
+
+def save_program(opt: SavableProgram, path: str | Path) -> Path:
+    """Write `opt`'s first graph, bindings, config, lowered program and weights to directory `path`
+    (the layout in the module docstring); returns that directory."""
     from fusion.store import artifact
 
-    if opt._captured is None or not opt.graphs:
+    if opt.captured is None or not opt.graphs:
         raise FusionInputError(
             "only programs captured whole by torch.export can be saved; this model was captured by "
             f"{opt.capture_method!r}{opt.capture_note}. Make the model exportable (e.g. return plain tensors) to save it."
         )
-    cap = opt._captured
+    cap = opt.captured
     graph = opt.graphs[0]
     if graph.log.approx is not None:
         raise FusionInputError(
@@ -56,7 +75,7 @@ def save_program(opt: Any, path: str | Path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     weights = {}
-    for (kind, name), acc in zip(cap.input_bindings, opt._accessors):
+    for (kind, name), acc in zip(cap.input_bindings, opt.accessors):
         if acc is not None:
             weights[name] = acc()
     save_safetensors(weights, out / "weights.safetensors")
@@ -98,40 +117,28 @@ def save_program(opt: Any, path: str | Path) -> Path:
 class LoadedProgram(torch.nn.Module):
     """A saved program, callable with the model's user inputs; weights stay memory-mapped."""
 
-    def __init__(self, path: str | Path, config: Config | None = None):
+    def __init__(self, path: str | Path, config: Config | None = None) -> None:
         super().__init__()
         path = Path(path)
         data = json.loads((path / "program.json").read_text())
         if data.get("format") not in READS:
             raise FusionInputError(f"{path} is not a fusion program directory (format {data.get('format')!r})")
         self.weights = load_safetensors_mmap(path / "weights.safetensors")
-        self.bindings = [tuple(b) for b in data["bindings"]]
-        self.buffer_mutations = {int(k): v for k, v in data["buffer_mutations"].items()}
-        self._out_spec_data = data["out_spec"]
-        self._out_spec: Any = None
+        self.bindings: list[tuple[str, str]] = [(kind, name) for kind, name in data["bindings"]]
+        self.buffer_mutations: dict[int, str] = {int(k): v for k, v in data["buffer_mutations"].items()}
+        self._out_spec_data: dict[str, Any] = data["out_spec"]
+        self._out_spec: pytree.TreeSpec | None = None
         saved = data["config"]
         saved["rewrites"] = False  # the saved graph is already rewritten
         known = set(Config.__dataclass_fields__)
-        self.config = config or Config(**{k: (frozenset(v) if isinstance(v, list) else v)
-                                          for k, v in saved.items() if k in known})
-        self.compiled = None
-        if "lowered" in data and self.config.codegen in ("auto", "cpp"):
-            from fusion.store import artifact
-
-            try:
-                sources = [(path / name).read_text() for name in data["sources"]]
-                self.compiled = artifact.restore({**data["lowered"], "program": data["graph"], "source": None},
-                                                 sources, self.config, how="loaded")
-            except Exception as e:  # noqa: BLE001 - e.g. no compiler for a missing kernel library: recompile
-                log.debug("load %s: lowered program not restored (%s: %s); recompiling", path, type(e).__name__, e)
-        if self.compiled is None:
-            from fusion.pipeline import compile_graph
-
-            gm = graph_from_dict(data["graph"], fake_placeholders(data["graph"]))
-            self.compiled = compile_graph(gm, self.config, label="forward")
+        fields: dict[str, Any] = {k: (frozenset(v) if isinstance(v, list) else v)
+                                  for k, v in saved.items() if k in known}
+        self.config: Config = config or Config(**fields)
+        restored = _restored(path, data, self.config)
+        self.compiled: CompiledGraph = restored if restored is not None else _recompiled(data, self.config)
 
     @property
-    def out_spec(self) -> Any:
+    def out_spec(self) -> pytree.TreeSpec:
         """The output structure, resolved on first use: it may name a model's output class (HF's
         ModelOutput), whose library is imported then rather than by load()."""
         if self._out_spec is None:
@@ -153,7 +160,32 @@ class LoadedProgram(torch.nn.Module):
 
     @property
     def code(self) -> str:
+        """The loaded program as Python (fused-kernel calls and ATen calls)."""
         return self.compiled.code
+
+
+def _restored(path: Path, data: dict[str, Any], config: Config) -> CompiledGraph | None:
+    """The stored lowered program of `data` (program.json in `path`) with its kernels bound, or None when
+    there is none, the config asks for another backend, or it cannot be restored."""
+    if "lowered" not in data or config.codegen not in ("auto", "cpp"):
+        return None
+    from fusion.store import artifact
+
+    try:
+        sources = [(path / name).read_text() for name in data["sources"]]
+        return artifact.restore({**data["lowered"], "program": data["graph"], "source": None},
+                                sources, config, how="loaded")
+    except Exception as e:  # noqa: BLE001 - e.g. no compiler for a missing kernel library: recompile
+        log.debug("load %s: lowered program not restored (%s: %s); recompiling", path, type(e).__name__, e)
+        return None
+
+
+def _recompiled(data: dict[str, Any], config: Config) -> CompiledGraph:
+    """Compile the saved rewritten graph of `data` again (format 1, or a lowered program not restored)."""
+    from fusion.pipeline import compile_graph
+
+    gm = graph_from_dict(data["graph"], fake_placeholders(data["graph"]))
+    return compile_graph(gm, config, label="forward")
 
 
 def load(path: str | Path, config: Config | None = None) -> LoadedProgram:
