@@ -32,8 +32,8 @@ def forced(monkeypatch):
     """The cost model's verdict forced to "merge" (the prediction is still computed and reported)."""
     real = sm.predict
 
-    def merge(group, hw):
-        return {**real(group, hw), "merged": True}
+    def merge(group, hw, tuner=None):
+        return {**real(group, hw, tuner), "merged": True}
 
     monkeypatch.setattr(sm, "predict", merge)
 
@@ -343,7 +343,7 @@ GROUPS = {"bert": [("query", "key", "value")], "llama": [("q_proj", "k_proj", "v
 def _hf(name, tmp_path, force, monkeypatch):
     if force:
         real = sm.predict
-        monkeypatch.setattr(sm, "predict", lambda g, hw: {**real(g, hw), "merged": True})
+        monkeypatch.setattr(sm, "predict", lambda g, hw, tuner=None: {**real(g, hw, tuner), "merged": True})
     torch.manual_seed(0)
     model = (bert if name == "bert" else llama)().eval()
     ids = torch.randint(0, 100, (2, 16))

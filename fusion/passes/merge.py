@@ -149,8 +149,9 @@ def candidate_groups(gm: fx.GraphModule, stackable: Iterable[str]) -> list[list[
     return sorted(out, key=lambda g: min(order[p.node] for p in g))
 
 
-def predict(group: list[_Product], hw: Any) -> dict:
-    """Predicted seconds of the group as separate GEMMs and as one merged GEMM (see the module docstring)."""
+def predict(group: list[_Product], hw: Any, tuner: Any = None) -> dict:
+    """Seconds of the group as separate GEMMs and as one merged GEMM (see the module docstring): each product
+    measured at its shape where `tuner` (fusion.passes.gemm.GemmTuner) has a measurement, else predicted."""
     from fusion.passes.gemm import product_seconds
 
     m, k = (int(s) for s in _val(group[0].x).shape)
@@ -158,19 +159,19 @@ def predict(group: list[_Product], hw: Any) -> dict:
     view = getattr(hw, "view_overhead", 0.0)
     separate = 0.0
     for p in group:
-        t, lib = product_seconds(m, k, p.n, bias, hw)
+        t, lib = product_seconds(m, k, p.n, bias, hw, tuner)
         separate += t + (view if lib == "aten" else 0.0)     # the gemm pass drops the transpose for oneDNN
-    t, lib = product_seconds(m, k, sum(p.n for p in group), bias, hw)
+    t, lib = product_seconds(m, k, sum(p.n for p in group), bias, hw, tuner)
     merged = t + STACKED_CALL_S + len(group) * view
     return {"products": [p.node.name for p in group], "weights": [p.weight.name for p in group],
             "m": m, "k": k, "n": [p.n for p in group], "library": lib,
             "separate_s": separate, "merged_s": merged, "merged": merged < separate}
 
 
-def merge_shared_matmuls(gm: fx.GraphModule, hw: Any, stackable: Iterable[str]) -> Merged:
+def merge_shared_matmuls(gm: fx.GraphModule, hw: Any, stackable: Iterable[str], tuner: Any = None) -> Merged:
     """The pass: group, price, rewrite the groups predicted faster merged (on a copy; gm is not changed)."""
     groups = candidate_groups(gm, stackable)
-    decisions = [predict(g, hw) for g in groups]
+    decisions = [predict(g, hw, tuner) for g in groups]
     chosen = [i for i, d in enumerate(decisions) if d["merged"]]
     while chosen:
         new, bad = _rewrite(gm, [groups[i] for i in chosen])

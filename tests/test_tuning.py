@@ -1,0 +1,139 @@
+"""Measured choices (fusion/costmodel/tuning.py, fusion/passes/gemm.py GemmTuner): each fp32 CPU product goes
+to the library measured fastest at its own shape on this CPU, whatever the profile's global rates say; the
+same code picks MKL on a machine whose record says MKL wins and oneDNN where oneDNN wins."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from fusion.costmodel import tuning
+from fusion.extract.pricing import DEFAULT_PROFILE
+from fusion.passes.gemm import ONEDNN_KEY, GemmTuner, onednn_linear, use_onednn_gemms
+
+from .conftest import rel_err
+
+pytestmark = pytest.mark.skipif(onednn_linear() is None, reason="this torch has no oneDNN")
+
+#: profiles whose one global ratio says the opposite of the records below
+ONEDNN_FAST = dataclasses.replace(DEFAULT_PROFILE, gemm_flops={"float32": 1e11, ONEDNN_KEY: 2.5e11})
+ONEDNN_SLOW = dataclasses.replace(DEFAULT_PROFILE, gemm_flops={"float32": 1e11, ONEDNN_KEY: 1.05e11})
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(256, 512), nn.Linear(512, 256, bias=False)
+        self.w = nn.Parameter(torch.randn(256, 128) / 16)   # x @ w: a row-major [K, N] operand ("nn")
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) @ self.w
+
+
+#: the model's three products at x = [4, 16, 256]: (m, k, n, bias, layout)
+PRODUCTS = [(64, 256, 512, True, "nt"), (64, 512, 256, False, "nt"), (64, 256, 128, False, "nn")]
+
+
+def graph(m, x):
+    from fusion.capture import capture_module
+
+    return capture_module(m, (x,)).gm
+
+
+def fake_machine(tmp_path, winner: str) -> str:
+    """A tuning cache whose records say `winner` is 2x faster at every product of the model."""
+    loser = "aten" if winner == "onednn" else "onednn"
+    for m, k, n, bias, layout in PRODUCTS:
+        tuning.record("linear", GemmTuner.key(m, k, n, bias, layout), {winner: 1e-4, loser: 2e-4}, str(tmp_path),
+                      how="test")
+    return str(tmp_path)
+
+
+def moved(gm, hw, tuner):
+    new, count = use_onednn_gemms(gm, hw, tuner)
+    return count, sum(n.target is onednn_linear() for n in new.graph.nodes)
+
+
+@pytest.mark.parametrize("winner, profile, expected", [
+    ("onednn", ONEDNN_SLOW, 3),     # the record says oneDNN wins: all three move, though the profile says not
+    ("aten", ONEDNN_FAST, 0),       # the record says MKL wins: none moves, though the profile says oneDNN
+])
+def test_the_measured_winner_decides_not_the_profile(tmp_path, winner, profile, expected):
+    gm = graph(MLP().eval(), torch.randn(4, 16, 256))
+    tuner = GemmTuner(fake_machine(tmp_path, winner), measure=False)
+    assert moved(gm, profile, tuner) == (expected, expected)
+
+
+def test_per_shape_not_global(tmp_path):
+    """One product measured faster on oneDNN, the others on MKL: only that one moves."""
+    fake_machine(tmp_path, "aten")
+    m, k, n, bias, layout = PRODUCTS[0]
+    tuning.record("linear", GemmTuner.key(m, k, n, bias, layout), {"aten": 2e-4, "onednn": 1e-4}, str(tmp_path))
+    gm = graph(MLP().eval(), torch.randn(4, 16, 256))
+    new, count = use_onednn_gemms(gm, ONEDNN_FAST, GemmTuner(str(tmp_path), measure=False))
+    assert count == 1
+    (lin,) = [n for n in new.graph.nodes if n.target is onednn_linear()]
+    assert lin.args[1].name == "p_a_weight"
+
+
+def test_measured_once_then_read_by_any_process(tmp_path):
+    """A product is timed at compile time within the budget, stored, and read back (not re-measured) by a
+    new tuner — what a second process does; results stay eager's."""
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 16, 256)
+    gm = graph(model, x)
+    first = GemmTuner(str(tmp_path), budget_s=30.0)
+    new, _ = use_onednn_gemms(gm, DEFAULT_PROFILE, first)
+    assert len(first.budget.measured) == 3 and first.budget.spent > 0
+    for m, k, n, bias, layout in PRODUCTS:
+        times = tuning.lookup("linear", GemmTuner.key(m, k, n, bias, layout), str(tmp_path))
+        assert set(times) == {"aten", "onednn"} and all(t > 0 for t in times.values())
+    second = GemmTuner(str(tmp_path), budget_s=30.0)
+    again, _ = use_onednn_gemms(gm, DEFAULT_PROFILE, second)
+    assert second.budget.measured == [] and again.code == new.code
+    params = dict(model.named_parameters())
+    args = [params[n.target.removeprefix("p_").replace("_", ".", 1)] if n.name.startswith("p_") else x
+            for n in new.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        assert rel_err(new(*args)[0], model(x)) <= 1e-5
+
+
+def test_no_budget_left_keeps_the_profiles_choice(tmp_path):
+    gm = graph(MLP().eval(), torch.randn(4, 16, 256))
+    broke = GemmTuner(str(tmp_path), budget_s=0.0)
+    assert moved(gm, ONEDNN_FAST, broke) == (3, 3) and moved(gm, ONEDNN_SLOW, broke) == (0, 0)
+    assert broke.budget.measured == []
+
+
+def test_another_cpu_never_reads_these_records(tmp_path, monkeypatch):
+    key = GemmTuner.key(*PRODUCTS[0])
+    tuning.record("linear", key, {"aten": 1.0, "onednn": 2.0}, str(tmp_path))
+    assert tuning.lookup("linear", key, str(tmp_path)) is not None
+    real = tuning.cpu_identity
+    monkeypatch.setattr(tuning, "cpu_identity", lambda threads=None: {**real(threads), "model": "999"})
+    assert tuning.lookup("linear", key, str(tmp_path)) is None
+
+
+def test_identity_names_the_cpu():
+    ident = tuning.cpu_identity()
+    assert {"vendor", "family", "model", "flags", "threads", "torch", "onednn"} <= set(ident)
+    assert ident["threads"] == str(torch.get_num_threads())
+
+
+def test_big_products_are_measured_on_a_proxy_within_the_memory_cap(tmp_path, monkeypatch):
+    """An LM-head-sized product is timed with fewer rows/columns: measuring never allocates past the cap."""
+    monkeypatch.setattr(tuning, "MAX_MEASURE_BYTES", 1 << 20)
+    seen = []
+    real_randn = torch.randn
+
+    def randn(*shape, **kw):
+        t = real_randn(*shape, **kw)
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "randn", randn)
+    times = GemmTuner(str(tmp_path), budget_s=30.0).times(512, 128, 50257, True, "nt")
+    assert times and set(times) == {"aten", "onednn"}
+    assert sum(seen) <= 1 << 20
