@@ -13,7 +13,8 @@ Two views of an e-node, both used by extraction (`fusion/extract/ilp.py`):
 Leaves (`var`, `scalar`, `none`) cost nothing.
 
 Sizes come from the e-graph's `shape` table; a symbolic size (negative id) counts as
-`SYMBOLIC_SIZE`; a class without a shape takes the largest size among its inputs.
+`fusion.dialect.values.UNKNOWN_SIZE` (the size the scheduler and the roofline take for it too); a class
+without a shape takes the largest size among its inputs.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from collections.abc import Callable, Sequence
 
 from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
 from fusion.costmodel.roofline import Cost
+from fusion.dialect.values import UNKNOWN_SIZE
 
-SYMBOLIC_SIZE = 64
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TRANSCENDENTAL = {"exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt"}
 LEAVES = {"var", "scalar", "none"}
@@ -42,17 +43,22 @@ DEFAULT_PROFILE = HardwareProfile(
 )
 
 
+def _dim(d: int) -> int:
+    """A dim of the shape table: a symbolic one (negative id) counts UNKNOWN_SIZE."""
+    return UNKNOWN_SIZE if d < 0 else d
+
+
 def numel(shape: Sequence[int] | None) -> float | None:
     if shape is None:
         return None
-    return float(math.prod(SYMBOLIC_SIZE if s < 0 else s for s in shape))
+    return float(math.prod(_dim(s) for s in shape))
 
 
 def _last(shape: Sequence[int] | None) -> int:
-    """The last dim (a symbolic one counts SYMBOLIC_SIZE), at least 1."""
+    """The last dim (a symbolic one counts UNKNOWN_SIZE), at least 1."""
     if not shape:
         return 1
-    return max(1, SYMBOLIC_SIZE if shape[-1] < 0 else shape[-1])
+    return max(1, _dim(shape[-1]))
 
 
 def enode_cost(
@@ -91,7 +97,7 @@ def enode_cost(
         c.flops = 3 * n_in
     elif op in ("mm", "bmm", "addmm"):
         a = children[-2]
-        k = (SYMBOLIC_SIZE if a[-1] < 0 else a[-1]) if a else 1
+        k = _dim(a[-1]) if a else 1
         c.gemm_flops = 2 * n_out * k
         if op == "addmm":
             c.flops = n_out
@@ -113,9 +119,8 @@ def enode_cost(
     elif op == "attention":   # reads q, k, v, mask; writes [.., S, Dv]; scores [.., S, L] stay in cache
         q, k = children[0], children[1]
         if q and k:
-            dim = lambda v: SYMBOLIC_SIZE if v < 0 else v
-            scores = numel(q) / max(1, dim(q[-1])) * dim(k[-2])
-            c.gemm_flops = 2 * scores * dim(q[-1]) + 2 * scores * (dim(out_shape[-1]) if out_shape else dim(q[-1]))
+            scores = numel(q) / max(1, _dim(q[-1])) * _dim(k[-2])
+            c.gemm_flops = 2 * scores * _dim(q[-1]) + 2 * scores * (_dim(out_shape[-1]) if out_shape else _dim(q[-1]))
             # as roofline._sdpa_cost (the FX-level price of the same call)
             c.flops, c.transcendentals, c.transcendental_mix = 6 * scores, scores, {"exp": scores}
             if c.gemm_dtype == "float32":
