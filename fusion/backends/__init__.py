@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from fusion.config import Config
+from fusion.dialect.graph_walk import on_cuda
 from fusion.lower.kernel_ir import KernelIR
 from fusion.lower.specs import KernelSpec
 
@@ -54,12 +55,6 @@ BACKENDS: dict[str, Backend] = {
     "cpp": Backend("cpp", _cpp_devices, True, _cpp_build),
     "triton": Backend("triton", lambda config: ("cpu", "cuda"), False, _triton_build),
 }
-
-
-def on_cuda(gm: fx.GraphModule) -> bool:
-    """Any CUDA placeholder: the program runs on the GPU."""
-    return any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cuda"
-               for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def choose(gm: fx.GraphModule, config: Config) -> Backend | None:

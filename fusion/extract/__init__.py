@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fusion.config import Config
 from fusion.costmodel.hardware import HardwareProfile
 from fusion.extract.ilp import EGraphExport, ENode, Extraction, FusionCosts, extract, fused_cost
@@ -39,11 +37,6 @@ def node_costs(ex: EGraphExport, hw: HardwareProfile | None) -> list[float]:
     """Predicted seconds of each e-node, from the e-graph's own shape/dtype tables (attention's hedged)."""
     return [enode_seconds(enode_cost(n.op, n.literals, _child_shapes(ex, n), ex.shape(n.cls), ex.dtype(n.cls)), hw)
             * (ATTENTION_HEDGE if n.op == "attention" else 1.0) for n in ex.nodes]
-
-
-def on_gpu(gm: torch.fx.GraphModule) -> bool:
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    return any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in vals)
 
 
 def original_choice(ex: EGraphExport, orig: dict) -> dict[int, int]:

@@ -22,7 +22,8 @@ import torch
 from fusion import progress
 from fusion.config import Config
 from fusion.costmodel.hardware import HardwareProfile
-from fusion.extract import TIE_BREAK_S, choose, on_gpu
+from fusion.dialect.graph_walk import on_cuda
+from fusion.extract import TIE_BREAK_S, choose
 from fusion.extract.ilp import export_egraph, kernel_outputs
 from fusion.rewrite.errors import RewriteError
 from fusion.rewrite.insert import insert
@@ -86,7 +87,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
         ex = export_egraph(ins.egraph)
         orig = original_enodes(ex, ins)
         roots = [ex.lets[n.name] for n in ins.roots]
-        ch = choose(ex, orig, roots, hw, config, gpu=on_gpu(gm))
+        ch = choose(ex, orig, roots, hw, config, gpu=on_cuda(gm))
     except RewriteError:
         raise
     except Exception as e:
