@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 APPROXIMATIONS = frozenset({"int8", "bf16", "relu_attention"})
+
+
+def resolve_cxx(cxx: str | None = None) -> str:
+    """The C++ compiler to run: `cxx` (Config.cxx) when given, else $FUSION_CXX, else g++. Read when a
+    compile happens (never at import), so setting $FUSION_CXX later in the process takes effect."""
+    return cxx or os.environ.get("FUSION_CXX") or "g++"
 
 
 class ConfigError(ValueError):
@@ -27,6 +34,8 @@ class Config:
     codegen:       "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "aten" (no generated kernels).
     num_threads:   threads for generated CPU kernels; None = torch.get_num_threads() at call time.
     cache_dir:     where compiled kernels and profiles live; None = $FUSION_CACHE_DIR or ~/.cache/fusion.
+    cxx:           C++ compiler for generated CPU kernels; None = $FUSION_CXX or g++ (resolved when used,
+                   never at import: `resolve_cxx`).
     fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
     verbose:       print each pass and its timing.
     structural_cache: look the module up in the structural cache before capturing it (fusion/store/structural.py):
@@ -47,6 +56,7 @@ class Config:
     codegen: str = "auto"
     num_threads: int | None = None
     cache_dir: str | None = None
+    cxx: str | None = None
     fallback: bool = True
     verbose: bool = False
     structural_cache: bool = True
@@ -81,6 +91,8 @@ class Config:
             raise ConfigError(f"Config.codegen must be one of auto, cpp, triton, aten; got {self.codegen!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"Config.num_threads must be a positive int or None, got {self.num_threads!r}")
+        if self.cxx is not None and (not isinstance(self.cxx, str) or not self.cxx):
+            raise ConfigError(f"Config.cxx must be a compiler command (a non-empty str) or None, got {self.cxx!r}")
         if not isinstance(self.structural_cache, bool):
             raise ConfigError(f"Config.structural_cache must be True or False, got {self.structural_cache!r}")
 
@@ -111,6 +123,8 @@ class Config:
             if f.name in ("verbose", "cache_dir", "fallback", "structural_cache"):  # never change the program
                 continue
             v = getattr(self, f.name)
+            if f.name == "cxx":   # the compiler that will run: None and its resolved name key the same
+                v = resolve_cxx(v)
             if isinstance(v, frozenset):
                 v = sorted(v)
             parts.append(f"{f.name}={v!r}")

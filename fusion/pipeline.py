@@ -343,15 +343,16 @@ class CachedRewrite:
 
 
 def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
-    """The e-graph stage, memoised on disk by graph structure + shapes + config + versions (never weights):
-    a second process optimizing the same architecture skips saturation and extraction."""
+    """The e-graph stage, memoised on disk by graph structure + shapes + config + versions + the hardware
+    profile's identity (never weights): a second process optimizing the same architecture skips saturation
+    and extraction, and a re-calibrated machine re-extracts (extraction prices with the profile)."""
     from fusion import rewrite as rewrites  # imported here so that a broken or missing stage is a fallback, not an import error
 
     from fusion.store import cache
     from fusion.store import serialize
 
     try:
-        key = serialize.graph_key(gm, config.key(), cache.versions())
+        key = serialize.graph_key(gm, config.key(), cache.versions(), cache.profile_identity(hw))
     except TypeError:  # a graph we cannot serialise is simply not cached
         return rewrites.rewrite(gm, config, hw)
     path = cache.subdir("graphs", config.cache_dir) / f"{key}.json"

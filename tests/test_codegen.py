@@ -294,10 +294,21 @@ def test_kernel_cache_reuse_and_compile_errors(cfg, tmp_path, monkeypatch):
     r2 = lower_to_kernels(gm, c)
     assert r2.kernels[0].source_path == r1.kernels[0].source_path
     monkeypatch.undo()
-    monkeypatch.setattr(kernel_cache, "CXX", "definitely-not-a-compiler")
     with pytest.raises(CodegenError) as ei:
-        lower_to_kernels(gm, Config(cache_dir=str(tmp_path / "d")))
+        lower_to_kernels(gm, Config(cache_dir=str(tmp_path / "d"), cxx="definitely-not-a-compiler"))
     assert "softmax_0" in str(ei.value) and "compile" in str(ei.value)
+
+
+def test_compiler_comes_from_config_resolved_when_used(monkeypatch):
+    from fusion.config import resolve_cxx
+
+    monkeypatch.delenv("FUSION_CXX", raising=False)
+    assert resolve_cxx(None) == "g++" and Config().key() == Config(cxx="g++").key()
+    monkeypatch.setenv("FUSION_CXX", "clang++")        # read when used, not at import
+    assert resolve_cxx(None) == "clang++" and resolve_cxx("g++") == "g++"
+    assert Config().key() == Config(cxx="clang++").key() != Config(cxx="g++").key()
+    monkeypatch.setenv("FUSION_CXX", "g++")
+    assert kernel_cache.source_key("int x;") == kernel_cache.source_key("int x;", "g++")
 
 
 def test_streaming_store_path(tmp_path, monkeypatch):

@@ -47,6 +47,34 @@ def test_cache_dir_is_private(tmp_path, monkeypatch):
     assert d == tmp_path / "c" and (d.stat().st_mode & 0o077) == 0
 
 
+def test_atomic_path_renames_whole_files_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "k.so"
+    with pytest.raises(RuntimeError):
+        with cache.atomic_path(target) as tmp:     # as a compiler fills it: fails half way
+            tmp.write_bytes(b"half")
+            raise RuntimeError("compiler failed")
+    assert list(tmp_path.iterdir()) == []           # neither the target nor the temporary
+    cache.atomic_write(target, b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+    assert (target.stat().st_mode & 0o077) == 0
+
+
+def test_rewrite_cache_keys_on_the_hardware_profile(tmp_path):
+    """A re-calibrated machine re-extracts: rewrites priced under the old profile are not reused."""
+    import dataclasses
+
+    from fusion import pipeline
+    from fusion.extract.pricing import DEFAULT_PROFILE
+
+    gm = capture_module(Block().eval(), (torch.randn(2, 8, 32),)).gm
+    cfg = fusion.Config(cache_dir=str(tmp_path))
+    recalibrated = dataclasses.replace(DEFAULT_PROFILE, source="calibrated again")
+    assert pipeline._rewrite(gm, cfg, DEFAULT_PROFILE).stats.get("cache") != "hit"
+    assert pipeline._rewrite(gm, cfg, DEFAULT_PROFILE).stats.get("cache") == "hit"
+    assert pipeline._rewrite(gm, cfg, recalibrated).stats.get("cache") != "hit"
+    assert len(list((tmp_path / "graphs").glob("*.json"))) == 2
+
+
 def test_rewrite_cache_hit_in_second_compile(tmp_path, assert_close):
     cfg = fusion.Config(cache_dir=str(tmp_path), structural_cache=False)  # capture runs; the graph cache hits
     m = Block().eval()

@@ -140,36 +140,45 @@ void dequant_quant(int64_t nthreads, const int32_t* acc, int64_t M, int64_t N, c
 """
 
 _lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_failed: Optional[str] = None
+#: resolved compiler -> the library it built, or the reason it could not (then the ATen path is used)
+_libs: dict[str, ctypes.CDLL] = {}
+_failed: dict[str, str] = {}
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels (built on first use, then loaded from the disk cache), or None without a compiler."""
-    global _lib, _failed
-    if _lib is not None or _failed is not None:
-        return _lib
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the argument and result types of its four kernels set."""
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.quant_rows.argtypes = [I, P, I, I, I, P, P]
+    lib.dequant.argtypes = [I, P, I, I, P, P, P, I, P]
+    lib.dequant_quant.argtypes = [I, P, I, I, P, P, P, I, P, P]
+    lib.bf16_epilogue.argtypes = [I, P, I, I, P, I, I, P]
+    for f in (lib.quant_rows, lib.dequant, lib.dequant_quant, lib.bf16_epilogue):
+        f.restype = None
+    return lib
+
+
+def library(cxx: Optional[str] = None) -> Optional[ctypes.CDLL]:
+    """The compiled kernels, built by `cxx` (Config.cxx; None = $FUSION_CXX or g++) on first use, then loaded
+    from the disk cache; None without a working compiler. The run-time ops (fusion.approx.ops) carry no
+    Config and call it with None."""
+    from fusion.config import resolve_cxx
+
+    cxx = resolve_cxx(cxx)
+    if cxx in _libs or cxx in _failed:
+        return _libs.get(cxx)
     with _lock:
-        if _lib is None and _failed is None:
+        if cxx not in _libs and cxx not in _failed:
             try:
                 from fusion.backends.cpp import compiler as kernel_cache
 
-                lib = kernel_cache.load(kernel_cache.build(SOURCE)[1])
-                P, I = ctypes.c_void_p, ctypes.c_int64
-                lib.quant_rows.argtypes = [I, P, I, I, I, P, P]
-                lib.dequant.argtypes = [I, P, I, I, P, P, P, I, P]
-                lib.dequant_quant.argtypes = [I, P, I, I, P, P, P, I, P, P]
-                lib.bf16_epilogue.argtypes = [I, P, I, I, P, I, I, P]
-                for f in (lib.quant_rows, lib.dequant, lib.dequant_quant, lib.bf16_epilogue):
-                    f.restype = None
-                _lib = lib
+                _libs[cxx] = _bind(kernel_cache.load(kernel_cache.build(SOURCE, cxx=cxx)[1]))
             except Exception as e:  # noqa: BLE001 - no compiler: the ATen path is used
-                _failed = f"{type(e).__name__}: {e}"
-    return _lib
+                _failed[cxx] = f"{type(e).__name__}: {e}"
+    return _libs.get(cxx)
 
 
-def available() -> bool:
-    return library() is not None
+def available(cxx: Optional[str] = None) -> bool:
+    return library(cxx) is not None
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fusion.config import resolve_cxx
+
 _PROBE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -45,7 +47,8 @@ extern "C" void p_fma(int64_t nt, int64_t n, const float* __restrict x, float* _
 _PROBE_FLOPS = 29          # 2 chains x 7 FMAs (14 FLOPs each) + 1 multiply
 
 
-def kernel_rates(n: int, reps: int, dram_elems: int = 64 << 20, *, best, slope) -> dict[str, float]:
+def kernel_rates(n: int, reps: int, dram_elems: int = 64 << 20, *, best, slope,
+                 cxx: str | None = None) -> dict[str, float]:
     """What GENERATED kernels reach (fusion.backends.cpp.render: g++ -O3 -march=native -fopenmp, glibc's vector
     expf/erff/tanhf): a probe with the same flags, compiled once into a temp dir and called through
     ctypes with torch's thread count. Per element: "exp"/"erf"/"tanh" evaluations/s and "flops"
@@ -54,11 +57,12 @@ def kernel_rates(n: int, reps: int, dram_elems: int = 64 << 20, *, best, slope) 
     bytes/s (torch's copy_ streams faster than plain compiled loops); "overlap", the fraction of the
     smaller of memory and compute time that hides under the larger in a DRAM-sized expf stream (1 = the
     roofline max, 0 = they add up). {} when no compiler is available
-    (the ATen numbers are used then)."""
+    (the ATen numbers are used then). `cxx`: the compiler (calibration has no Config; None = resolve_cxx's
+    default, $FUSION_CXX or g++, the one generated kernels get)."""
     import shutil
     import subprocess
 
-    cxx = os.environ.get("FUSION_CXX", "g++")
+    cxx = resolve_cxx(cxx)
     if not shutil.which(cxx):
         return {}
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno",

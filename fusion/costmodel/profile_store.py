@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from fusion.costmodel import calibrate as calibration
 from fusion.costmodel.calibrate import SCHEMA
 from fusion.costmodel import hardware
 from fusion.costmodel.hardware import ONEDNN_KEY, HardwareProfile, machine_key
-from fusion.store.cache import cache_dir as _cache_dir
+from fusion.store.cache import atomic_write, cache_dir as _cache_dir
 
 MB = 1 << 20
 _MEMO: dict[str, HardwareProfile] = {}
@@ -42,21 +40,12 @@ def profile_from_json(d: dict) -> HardwareProfile:
 
 
 def save_profile(hw: HardwareProfile, path: Path) -> None:
-    """Atomic write: tmp file in the same dir, then os.replace. Dirs are created with mode 0o700."""
+    """`hw` as indented JSON at `path`, written atomically (fusion.store.cache.atomic_write). Every dir
+    created on the way gets mode 0o700."""
     for d in reversed([path.parent, *path.parent.parents]):    # every dir we create gets 0o700
         if not d.exists():
             d.mkdir(mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(hw.to_json(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, json.dumps(hw.to_json(), indent=2, sort_keys=True).encode())
 
 
 def merge_best(a: HardwareProfile, b: HardwareProfile) -> HardwareProfile:

@@ -127,7 +127,7 @@ def restore(data: dict, sources: list[str], config: Config, *, how: str = "loade
     t0 = time.perf_counter()
     libs = []
     for src in sources:
-        cpp, so = kernel_cache.build(src, config.cache_dir)
+        cpp, so = kernel_cache.build(src, config.cache_dir, config.cxx)
         libs.append((cpp, so, kernel_cache.load(so)))
     modules: dict[str, torch.nn.Module] = {}
     for k in data["kernels"]:

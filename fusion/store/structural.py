@@ -156,8 +156,7 @@ def compile_environment(config: Config) -> list[str]:
     with warnings.catch_warnings():  # a failing calibration is reported once, by the compile that needs it
         warnings.simplefilter("ignore")
         hw = hardware(config)
-    return [cache.versions(), config.key(), f"grad={torch.is_grad_enabled()}",
-            f"hw={getattr(hw, 'key', '')}|{getattr(hw, 'name', '')}|{getattr(hw, 'source', '')}"]
+    return [cache.versions(), config.key(), f"grad={torch.is_grad_enabled()}", cache.profile_identity(hw)]
 
 
 def signature(model: torch.nn.Module, args: Sequence[Any], config: Config) -> str | None:

@@ -30,7 +30,7 @@ def build(irs: list[KernelIR], specs: list[KernelSpec], config: Config) -> dict[
         raise CodegenError("render", [ir.name for ir in irs], repr(e)) from e
     progress.stage(f"lower: compile {len(irs)} kernels")
     try:
-        cpp_path, so_path = compiler.build(source, config.cache_dir)
+        cpp_path, so_path = compiler.build(source, config.cache_dir, config.cxx)
         lib = compiler.load(so_path)
     except Exception as e:
         raise CodegenError("compile", [ir.name for ir in irs], str(e)) from e

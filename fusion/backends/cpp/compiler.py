@@ -1,9 +1,10 @@
 """Compile generated C++ into a shared library, cached on disk, and load it with ctypes.
 
-Key: sha256(source + flags + compiler version). Files live under
-`<cache_dir>/kernels/<key>.{cpp,so}`; the cache dir is config.cache_dir, else $FUSION_CACHE_DIR,
-else ~/.cache/fusion, created with mode 0o700. Writes are atomic (temp file + os.replace), so
-concurrent processes are safe and a second process loads the .so without compiling.
+Key: sha256(source + compiler + flags + compiler version). Files live under
+`<cache_dir>/kernels/<key>.{cpp,so}` (fusion.store.cache: config.cache_dir, else $FUSION_CACHE_DIR, else
+~/.cache/fusion, private to the user). The compiler is `Config.cxx` as `fusion.config.resolve_cxx` reads it
+when a build runs (else $FUSION_CXX, else g++), never at import. Writes are atomic (fusion.store.cache),
+so concurrent processes are safe and a second process loads the .so without compiling.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 
-CXX = os.environ.get("FUSION_CXX", "g++")
+from fusion.config import resolve_cxx
+from fusion.store import cache as _cache
+
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno",
          "-fno-trapping-math", "-shared", "-fPIC", "-std=c++17"]
 
@@ -26,12 +28,6 @@ _lock = threading.Lock()
 
 class CompileError(RuntimeError):
     pass
-
-
-def cache_dir(override: str | None = None) -> str:
-    d = override or os.environ.get("FUSION_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusion")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
 
 
 @functools.cache
@@ -44,51 +40,35 @@ def compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def source_key(source: str) -> str:
+def source_key(source: str, cxx: str | None = None) -> str:
+    """The cache key of `source` compiled by `cxx` (None: resolve_cxx's default): it hashes the source, the
+    compiler command, FLAGS and the compiler's version line, so another compiler never reuses a build."""
+    cxx = resolve_cxx(cxx)
     h = hashlib.sha256()
-    for part in (source, CXX, " ".join(FLAGS), compiler_version(CXX)):
+    for part in (source, cxx, " ".join(FLAGS), compiler_version(cxx)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def build(source: str, cache: str | None = None) -> tuple[str, str]:
-    """Compile `source` (or reuse the cached build); returns (cpp_path, so_path)."""
-    key = source_key(source)
-    root = os.path.join(cache_dir(cache), "kernels")
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    cpp = os.path.join(root, f"{key}.cpp")
-    so = os.path.join(root, f"{key}.so")
-    if not os.path.exists(cpp):
-        _atomic_write(cpp, source.encode())
-    if os.path.exists(so):
-        return cpp, so
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".so")
-    os.close(fd)
-    try:
-        cmd = [CXX, *FLAGS, cpp, "-o", tmp]
+def build(source: str, cache: str | None = None, cxx: str | None = None) -> tuple[str, str]:
+    """Compile `source` with `cxx` (Config.cxx; None: $FUSION_CXX or g++) into the kernel cache under
+    `cache` (Config.cache_dir), or reuse the cached build; returns (cpp_path, so_path)."""
+    cxx = resolve_cxx(cxx)
+    key = source_key(source, cxx)
+    root = _cache.subdir("kernels", cache)
+    cpp, so = root / f"{key}.cpp", root / f"{key}.so"
+    if not cpp.exists():
+        _cache.atomic_write(cpp, source.encode())
+    if so.exists():
+        return str(cpp), str(so)
+    with _cache.atomic_path(so) as tmp:     # the compiler writes the temporary file; renamed when it succeeds
+        cmd = [cxx, *FLAGS, str(cpp), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise CompileError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
         os.chmod(tmp, 0o600)
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return cpp, so
+    return str(cpp), str(so)
 
 
 def load(so_path: str) -> ctypes.CDLL:
