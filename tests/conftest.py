@@ -27,3 +27,11 @@ def assert_close():
         assert e <= tol, f"relative error {e:.3g} > {tol}"
 
     return check
+
+
+@pytest.fixture
+def w8a8_first(monkeypatch):
+    """Start every linear as W8A8 (tiny test shapes may time weight-only as the faster form)."""
+    import fusion.approx.rules as rules
+
+    monkeypatch.setattr(rules, "INT8_LADDER", ("int8", "int8_weight_only"))
