@@ -181,7 +181,8 @@ def build(base: torch.nn.Module, kinds: frozenset, args, tolerance: float, via: 
     return fusion.optimize(model, args, config=cfg)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.approx`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
@@ -192,7 +193,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--via", choices=("optimize", "compile"), default="optimize",
                     help="fusion.optimize(..., config=Config(...)) or torch.compile(backend='fusion', options={...})")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    """Parse the arguments, build each variant, measure its accuracy and time, print the tables."""
+    a = _parser().parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -202,7 +208,22 @@ def main(argv=None) -> int:
     n_sent, args0 = len(SENTENCES), batches[0]
     with torch.no_grad():
         ref = torch.cat([base(*b) for b in batches])[:n_sent]
+    runners, info = _build_variants(base, a, args0)
+    acc = _accuracy(runners, batches, ref, n_sent)
+    times = _time_rounds(runners, args0, a.rounds)
+    load1 = os.getloadavg()[0]
+    pad = f"seq {a.seq} (padded)" if a.seq else f"seq {args0[0].shape[1]} (longest)"
+    header = (f"all-MiniLM-L6-v2 sentence embeddings via {'torch.compile' if a.via == 'compile' else 'fusion.optimize'}, "
+              f"batch {a.batch} x {pad}, {n_sent} sentences, {a.threads} threads, "
+              f"{a.rounds} interleaved rounds, tolerance {a.tolerance}, load average {load0:.1f} -> {load1:.1f}, "
+              f"torch {torch.__version__}")
+    _print_tables(header, _rows(runners, info, acc, times))
+    return 0
 
+
+def _build_variants(base, a: argparse.Namespace, args0) -> tuple[dict, dict]:
+    """(runners: name -> callable, eager first; info: name -> (ApproxResult or None, build seconds, log)),
+    building each variant of --variants and printing how its build went (to stderr)."""
     runners, info = {"eager": base}, {}
     for name in a.variants.split(","):
         t0 = time.perf_counter()
@@ -218,27 +239,42 @@ def main(argv=None) -> int:
         if res is not None:
             for line in _guard_outcome(res):
                 print(f"[{name}]   {line}", file=sys.stderr)
+    return runners, info
 
+
+def _accuracy(runners: dict, batches: list, ref: torch.Tensor, n_sent: int) -> dict[str, tuple[float, float]]:
+    """name -> (min, mean) cosine similarity of its sentence embeddings to the eager model's `ref`."""
     acc = {}
     with torch.no_grad():
         for name, r in runners.items():
             emb = torch.cat([r(*b) for b in batches])[:n_sent]
             cos = (emb.double() * ref.double()).sum(-1) / (emb.double().norm(dim=-1) * ref.double().norm(dim=-1))
             acc[name] = (cos.min().item(), cos.mean().item())
+    return acc
 
+
+def _time_rounds(runners: dict, args0, rounds: int) -> dict[str, list[float]]:
+    """name -> seconds of each call on the first batch: one warm-up each, then `rounds` interleaved rounds."""
     times = {k: [] for k in runners}
     with torch.no_grad():
         for r in runners.values():  # warm-up
             r(*args0)
-        for _ in range(a.rounds):
+        for _ in range(rounds):
             for name, r in runners.items():
                 t0 = time.perf_counter()
                 r(*args0)
                 times[name].append(time.perf_counter() - t0)
-    load1 = os.getloadavg()[0]
+    return times
+
+
+_HEAD = ["variant", "median ms", "IQR/med", "speed-up vs eager", "min cosine", "mean cosine", "linears kept",
+         "kernels", "guard error", "build s"]
+
+
+def _rows(runners: dict, info: dict, acc: dict, times: dict) -> list[list]:
+    """One table row per variant (columns `_HEAD`): timing, accuracy, what the guard kept, build time."""
     med = {k: statistics.median(v) for k, v in times.items()}
     q = {k: statistics.quantiles(v, n=4) if len(v) >= 4 else [med[k]] * 3 for k, v in times.items()}
-
     rows = []
     for name in runners:
         res, secs, _ = info.get(name, (None, 0.0, None))
@@ -247,13 +283,13 @@ def main(argv=None) -> int:
         rows.append([name, f"{med[name] * 1e3:.1f}", f"{(q[name][2] - q[name][0]) / med[name] * 100:.0f}%",
                      f"{med['eager'] / med[name]:.2f}x", f"{acc[name][0]:.5f}", f"{acc[name][1]:.5f}", kept, kinds,
                      "-" if res is None else f"{res.final_error:.2e}", "-" if name == "eager" else f"{secs:.0f}"])
-    head = ["variant", "median ms", "IQR/med", "speed-up vs eager", "min cosine", "mean cosine", "linears kept",
-            "kernels", "guard error", "build s"]
-    pad = f"seq {a.seq} (padded)" if a.seq else f"seq {args0[0].shape[1]} (longest)"
-    print(f"all-MiniLM-L6-v2 sentence embeddings via {'torch.compile' if a.via == 'compile' else 'fusion.optimize'}, "
-          f"batch {a.batch} x {pad}, {n_sent} sentences, {a.threads} threads, "
-          f"{a.rounds} interleaved rounds, tolerance {a.tolerance}, load average {load0:.1f} -> {load1:.1f}, "
-          f"torch {torch.__version__}")
+    return rows
+
+
+def _print_tables(header: str, rows: list[list]) -> None:
+    """The header line, the table aligned in columns, then the same table in Markdown."""
+    head = _HEAD
+    print(header)
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
@@ -262,7 +298,6 @@ def main(argv=None) -> int:
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
-    return 0
 
 
 def _guard_outcome(res) -> list[str]:

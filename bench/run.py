@@ -290,7 +290,8 @@ def markdown(records, variants, header: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.run`."""
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated case names: " + ",".join(ALL))
     ap.add_argument("--micro", action="store_true", help="micro cases only (with --models: both)")
@@ -309,13 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table (BENCHMARKS.md)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
-    args = ap.parse_args(argv)
+    return ap
 
-    torch.set_num_threads(args.threads)
-    if args.cold:
-        import torch._inductor.config as ic
 
-        ic.force_disable_caches = True
+def _selection(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list]:
+    """(variants, cases) the arguments name; an unknown name is a usage error (exits)."""
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -325,19 +324,23 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in ALL]
         if unknown:
             ap.error(f"unknown case(s) {unknown}; known: {sorted(ALL)}")
-        cases = [ALL[n] for n in names]
-    else:
-        cases = (MICRO if args.micro or not args.models else []) + (MODELS if args.models or not args.micro else [])
+        return variants, [ALL[n] for n in names]
+    return variants, (MICRO if args.micro or not args.models else []) + (MODELS if args.models or not args.micro else [])
 
-    from fusion.costmodel.profile_store import load_or_calibrate
 
-    hw = load_or_calibrate()
+def _environment(args: argparse.Namespace, hw) -> str:
+    """The one-line description of this run (torch, threads, profile, UTC time), printed with the load."""
     env = (f"torch {torch.__version__}, {args.threads} threads, {hw.name}, calibrated copy bandwidth "
            f"{hw.copy_bandwidth / 1e9:.1f} GB/s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(env, flush=True)
     if hasattr(os, "getloadavg"):
         print(f"load average at the start: {os.getloadavg()[0]:.2f} (2 cores: above ~1 the timings share the CPU)",
               flush=True)
+    return env
+
+
+def _run_cases(cases: list, variants: list[str], args: argparse.Namespace, hw) -> list[dict]:
+    """Each case's record (`run_case`, plus how busy the CPUs were before it), one progress line each."""
     records = []
     for c in cases:
         busy = wait_quiet(args.wait_quiet) if args.wait_quiet else cpu_busy()
@@ -348,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - t0
         print(f"  {c.name}: " + ", ".join(f"{v} {_ms(rec['results'][v])}" for v in variants) + f"  [{took:.0f} s]",
               flush=True)
+    return records
+
+
+def _report(records: list[dict], variants: list[str], env: str, args: argparse.Namespace, hw) -> None:
+    """The tables (micro, then models), the load legend, and with --markdown / --json those outputs too."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for kind, title in (("micro", "micro kernels (fp32), median ms"), ("model", "HF models (random weights), median ms")):
         sel = [r for r in records if r["kind"] == kind]
@@ -371,6 +379,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, run the selected cases, print (and with --json write) the results."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.cold:
+        import torch._inductor.config as ic
+
+        ic.force_disable_caches = True
+    variants, cases = _selection(ap, args)
+
+    from fusion.costmodel.profile_store import load_or_calibrate
+
+    hw = load_or_calibrate()
+    env = _environment(args, hw)
+    records = _run_cases(cases, variants, args, hw)
+    _report(records, variants, env, args, hw)
     return 0
 
 
