@@ -47,7 +47,7 @@ class OptimizedModule(torch.nn.Module):
 
     MAX_SHAPE_VARIANTS = 8
 
-    def __init__(self, model: torch.nn.Module, config: Config, example_inputs: Sequence[Any]):
+    def __init__(self, model: torch.nn.Module, config: Config, example_inputs: Sequence[Any]) -> None:
         super().__init__()
         self.original = model  # registered: state_dict() and .to() reach the same weights
         self.config = config

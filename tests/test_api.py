@@ -165,3 +165,87 @@ def test_capture_failure_falls_back(monkeypatch):
     with pytest.warns(FusionFallbackWarning, match="capture"):
         opt = fusion.optimize(DataDependent(), (x,))
     torch.testing.assert_close(opt(x), DataDependent()(x))
+
+
+def test_flat_args_is_the_graph_argument_list(assert_close):
+    """`flat_args(*inputs)` binds each placeholder of the captured graph: weights by reference (read from the
+    module at the call), user inputs in order; the rewritten program run on it gives the model's output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(3, 8)
+    opt = fusion.optimize(m, (x,))
+    assert opt.capture_method == "torch.export" and opt.captured is not None
+    assert opt.example_inputs == (x,)
+    flat = opt.flat_args(x)
+    bindings = opt.captured.input_bindings
+    assert len(flat) == len(bindings) == len(opt.accessors)
+    params = dict(m.named_parameters())
+    for (kind, name), value, acc in zip(bindings, flat, opt.accessors):
+        assert (acc is None) == (kind == "user")
+        assert value is (x if kind == "user" else params[name])
+    assert_close(opt.graphs[0].program_gm(*flat)[0], m(x))
+
+
+def _private_members(cls: type) -> set[str]:
+    """The single-underscore attributes and methods `cls` defines (dunders left out)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    names |= {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+              if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_other_module_reads_optimized_module_internals():
+    """OptimizedModule and LoadedProgram are read from outside through public names (captured, accessors,
+    example_inputs, flat_args, compiled, ...): no module but their own touches `x._name` of a private member
+    they define (`self._name` inside another class is that class's own business; `torch._dynamo` is torch's)."""
+    import ast
+    from pathlib import Path
+
+    from fusion.api import OptimizedModule
+    from fusion.store.program import LoadedProgram
+
+    root = Path(__file__).resolve().parents[1]
+    private = {"fusion/api.py": _private_members(OptimizedModule),
+               "fusion/store/program.py": _private_members(LoadedProgram)}
+    watched = set().union(*private.values())
+    found = []
+    for path in sorted([*root.glob("fusion/**/*.py"), *root.glob("bench/**/*.py"), *root.glob("tests/*.py")]):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in watched - private.get(rel, set())
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "torch"))):
+                found.append(f"{rel}:{node.lineno}: .{node.attr}")
+    assert not found, "private members of OptimizedModule / LoadedProgram read elsewhere:\n  " + "\n  ".join(found)
+
+
+def test_public_api_is_annotated():
+    """Every function exported by `fusion` and every public method or property of an exported class has its
+    parameters and return type annotated (fusion ships py.typed)."""
+    import inspect
+
+    def unannotated(fn, owner: str) -> list[str]:
+        sig = inspect.signature(fn)
+        bad = [p.name for p in sig.parameters.values()
+               if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty]
+        if sig.return_annotation is inspect.Signature.empty and fn.__name__ != "__init__":
+            bad.append("return")
+        return [f"{owner}{fn.__name__}: {b}" for b in bad]
+
+    missing = []
+    for name in fusion.__all__:
+        obj = getattr(fusion, name)
+        if inspect.isfunction(obj):
+            missing += unannotated(obj, "")
+            continue
+        for key, member in vars(obj).items() if inspect.isclass(obj) else ():
+            fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if (not key.startswith("_") or key == "__init__") and inspect.isfunction(fn) \
+                    and fn.__module__ == obj.__module__:
+                missing += unannotated(fn, f"{name}.")
+    assert not missing, "unannotated public API:\n  " + "\n  ".join(missing)

@@ -35,6 +35,7 @@ from fusion.errors import FusionInputError
 
 if TYPE_CHECKING:  # annotations only: analyze imports fusion.api when it is called
     from fusion.api import ExampleInputs, OptimizedModule
+    from fusion.costmodel.hardware import HardwareProfile
 
 _FREE = {"placeholder", "output", "get_attr"}
 
@@ -70,16 +71,16 @@ class Analysis:
     nodes: list[NodeStats]
     weight_bytes: int
     peak_activation_bytes: int
-    hw: Any
-    totals: dict = field(default_factory=dict)
-    kv_sites: list = field(default_factory=list)          # memory.KVSite per attention site in the graph
+    hw: HardwareProfile
+    totals: dict[str, Any] = field(default_factory=dict)
+    kv_sites: list[memory.KVSite] = field(default_factory=list)  # one per attention site in the graph
     kv_per_token_config: float | None = None              # K+V bytes per (batch, position) from model.config
     batch: int = 1                                         # the example's batch (dim 0 of the first input)
     seq: int | None = None                                 # the example's sequence length
     label: str = "model"
-    model: Any = field(default=None, repr=False)
-    inputs: Any = field(default=None, repr=False)
-    _act_cache: dict = field(default_factory=dict, repr=False)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    inputs: tuple[Any, ...] | None = field(default=None, repr=False)
+    _act_cache: dict[tuple[int, int], int | None] = field(default_factory=dict, repr=False)
 
     # -- per node ---------------------------------------------------------------------------------
     def bound(self, s: NodeStats) -> str:
