@@ -153,8 +153,14 @@ def bind_kernels(plan: KernelPlan, modules: dict[str, torch.nn.Module]) -> Lower
         br, bw, fl, tr = _stats(ir)
         infos.append(KernelInfo(ir.name, [m.name for m in ir.members], mod.source_path, br, bw, fl, tr,
                                 kind=mod.kind, domain=[hint(d) for d in ir.D],
-                                scratch_rows=getattr(ir, "n_scratch", 0)))
+                                scratch_rows=_scratch_rows(ir, mod)))
     return LowerResult(_rebuild(plan.gm, plan.irs, modules), infos)
+
+
+def _scratch_rows(ir: P.KernelIR, mod: torch.nn.Module) -> int:
+    """Per-thread scratch rows a built kernel holds: its plan's for a C++ kernel (its row loops keep them),
+    none for a Triton kernel (its loops recompute every vec value)."""
+    return ir.plan.n_scratch if str(mod.source_path).endswith(".cpp") else 0
 
 
 def kernel_irs(groups: list) -> list[tuple[P.KernelIR, KernelSpec]]:

@@ -12,8 +12,9 @@ program handles BLOCK_R rows x BLOCK_N columns: row values are [BLOCK_R] tensors
         <name>_single(...)   whole rows in one block (BLOCK_N >= N): every prim is evaluated once,
                              reductions are tl.sum / tl.max / tl.min over axis 1.
         <name>_loop(...)     looped over column blocks: "phase" k is one loop that computes what
-                             reductions of level k+1 and outputs of level k need (the same phases as the
-                             C++ row kernels; vec values are recomputed, not stored).
+                             reductions of level k+1 and outputs of level k need (the loops of the IR's
+                             plan, `KernelIR.plan`, as the C++ row kernels; vec values are recomputed, not
+                             stored).
 
 Arguments (all sizes and strides at run time, so one compiled kernel serves any shape): the input
 pointers, the output pointers (contiguous, shape D / D[:-1]+[1] / D[:-1]), D0..D{R-1}, then per input
@@ -182,23 +183,6 @@ class _R:
         v = self.value(o.prim, False, o.dtype)
         return f"{ind}tl.store(out{k} + rowv, {v}.to(out{k}.dtype.element_ty), mask=rmask)"
 
-    def reach(self, roots: list[int], through: bool) -> set:
-        """Prims needed for roots; through=False stops at reductions (their values are row values)."""
-        seen: set = set()
-        stack = list(roots)
-        while stack:
-            i = stack.pop()
-            if i in seen:
-                continue
-            seen.add(i)
-            p = self.P[i]
-            if p.op in ("load", "const", "constb", "N"):
-                continue
-            if p.op in REDUCE and not through:
-                continue
-            stack.extend(a for a in p.args if isinstance(a, int))
-        return seen
-
     def reduce_expr(self, i: int) -> str:
         p = self.P[i]
         a = self.name(p.args[0], True)
@@ -214,17 +198,12 @@ def render_pointwise(ir: KernelIR) -> str:
     L += r.prologue("pid // nblk")
     L.append("    j = ((pid % nblk) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]")
     L.append("    m = rmask[:, None] & (j < N)")
-    need = r.reach([o.prim for o in ir.outputs], True)
-    for i in sorted(need):
+    for i in ir.plan.needed:
         if ir.prims[i].op != "const":
             L.append("    " + r.assign(i))
     for k in range(len(ir.outputs)):
         L.append(r.store_full(k, "    "))
     return "\n".join(L)
-
-
-def _vec_outs(ir: KernelIR) -> list[int]:
-    return [k for k, o in enumerate(ir.outputs) if ir.prims[o.prim].vec or o.form == "full"]
 
 
 def render_single(ir: KernelIR) -> str:
@@ -234,71 +213,56 @@ def render_single(ir: KernelIR) -> str:
     L += r.prologue("tl.program_id(0).to(tl.int64)")
     L.append("    j = tl.arange(0, BLOCK_N)[None, :]")
     L.append("    m = rmask[:, None] & (j < N)")
-    need = r.reach([o.prim for o in ir.outputs], True)
-    for i in sorted(need):
+    for i in ir.plan.needed:
         p = ir.prims[i]
         if p.op == "const":
             continue
         L.append(f"    v{i} = {r.reduce_expr(i)}" if p.op in REDUCE else "    " + r.assign(i))
-    vo = _vec_outs(ir)
+    vo = ir.plan.vec_outputs
     for k in range(len(ir.outputs)):
         L.append(r.store_full(k, "    ") if k in vo else r.store_row(k, "    "))
     return "\n".join(L)
 
 
 def render_loop(ir: KernelIR) -> str:
-    """Column-block loops, one per phase; row values between the loops."""
+    """Column-block loops, one per phase of the plan (vec values recomputed in each); row values between
+    the loops."""
     r = _R(ir)
-    P = ir.prims
-    need_all = r.reach([o.prim for o in ir.outputs], True)
-    reds = [i for i in sorted(need_all) if P[i].op in REDUCE]
-    vo = _vec_outs(ir)
-    nloops = max([P[P[i].args[0]].lvl + 1 for i in reds] + [P[ir.outputs[k].prim].lvl + 1 for k in vo]
-                 + [0])
+    plan = ir.plan
     L = ["@triton.jit", f"def {ir.name}_loop({r.params()}):"]
     L += r.prologue("tl.program_id(0).to(tl.int64)")
     L.append("    jj = tl.arange(0, BLOCK_N)[None, :]")
-    emitted: set = set()
-
-    def emit_rows(stage: int) -> None:
-        for i in sorted(need_all):
-            p = P[i]
-            if i in emitted or p.vec or p.op in REDUCE or p.op == "const" or p.lvl > stage:
-                continue
-            L.append("    " + r.assign(i))
-            emitted.add(i)
-
-    for k in range(nloops):
-        emit_rows(k)
-        here = [i for i in reds if P[P[i].args[0]].lvl == k]
-        for i in here:
-            L.append(f"    a{i} = tl.full([BLOCK_R, BLOCK_N], {_NEUTRAL[P[i].op]}, tl.float32)")
-        L.append("    for j0 in range(0, N, BLOCK_N):")
-        L.append("        j = j0 + jj")
-        L.append("        m = rmask[:, None] & (j < N)")
-        roots = [P[i].args[0] for i in here] + [ir.outputs[q].prim for q in vo if P[ir.outputs[q].prim].lvl == k]
-        for i in sorted(r.reach(roots, False)):
-            p = P[i]
-            if p.vec and p.op not in REDUCE:
-                L.append("        " + r.assign(i))
-        for i in here:
-            a = r.name(P[i].args[0], True)
-            if P[i].op == "sum":
-                L.append(f"        a{i} += tl.where(m, {a}, 0.0)")
-            else:
-                f = "_max" if P[i].op == "amax" else "_min"
-                L.append(f"        a{i} = {f}(a{i}, tl.where(m, {a}, {_NEUTRAL[P[i].op]}))")
-        for q in vo:
-            if P[ir.outputs[q].prim].lvl == k:
-                L.append(r.store_full(q, "        "))
-        for i in here:
-            fn = {"sum": "tl.sum", "amax": "tl.max", "amin": "tl.min"}[P[i].op]
-            L.append(f"    v{i} = {fn}(a{i}, axis=1)")
-    emit_rows(nloops)
-    for q in range(len(ir.outputs)):
-        if q not in vo:
-            L.append(r.store_row(q, "    "))
+    for loop in plan.loops:
+        L += ["    " + r.assign(i) for i in loop.rows]
+        _phase(L, r, loop)
+    L += ["    " + r.assign(i) for i in plan.rows_after]
+    for q in plan.row_outputs:
+        L.append(r.store_row(q, "    "))
     return "\n".join(L)
+
+
+def _phase(L: list, r: _R, loop) -> None:
+    """One loop of the plan over column blocks: [BLOCK_R, BLOCK_N] accumulators, the loop's vec values,
+    the accumulations and stores, then each accumulator reduced over its columns."""
+    P = r.P
+    for i in loop.reductions:
+        L.append(f"    a{i} = tl.full([BLOCK_R, BLOCK_N], {_NEUTRAL[P[i].op]}, tl.float32)")
+    L.append("    for j0 in range(0, N, BLOCK_N):")
+    L.append("        j = j0 + jj")
+    L.append("        m = rmask[:, None] & (j < N)")
+    L += ["        " + r.assign(i) for i in loop.needs]
+    for i in loop.reductions:
+        a = r.name(P[i].args[0], True)
+        if P[i].op == "sum":
+            L.append(f"        a{i} += tl.where(m, {a}, 0.0)")
+        else:
+            f = "_max" if P[i].op == "amax" else "_min"
+            L.append(f"        a{i} = {f}(a{i}, tl.where(m, {a}, {_NEUTRAL[P[i].op]}))")
+    for q in loop.outputs:
+        L.append(r.store_full(q, "        "))
+    for i in loop.reductions:
+        fn = {"sum": "tl.sum", "amax": "tl.max", "amin": "tl.min"}[P[i].op]
+        L.append(f"    v{i} = {fn}(a{i}, axis=1)")
 
 
 def render_triton(ir: KernelIR) -> str:
