@@ -239,35 +239,16 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
     converted: dict[str, str] = {}
     held_entries: dict[str, held.Held] = held_out if held_out is not None else {}
     for node in list(g.nodes):
-        if node.graph is None or node.op != "call_function":
+        users = _foldable_users(node, weights, converted)
+        if users is None:
             continue
-        tag = node.meta.get("approx_weight_transform")
-        if tag is None or node.args[0].op != "placeholder" or node.args[0].name not in weights:
-            continue
-        w = node.args[0]
-        if w.name in converted:
-            continue
-        users = list(w.users)
-        if not all(u.meta.get("approx_weight_transform") == tag and u.target is node.target
-                   and u.args[1:] == node.args[1:] and u.kwargs == node.kwargs for u in users):
-            continue
+        w, tag = node.args[0], node.meta["approx_weight_transform"]
         live = weights[w.name]
         kn = bool(node.args[1]) if tag == "int8" else None
         source: fx.Node = w            # where the converted weight is read: the placeholder, or a get_attr
         if hold or held.is_released(live):
-            entry = held.lookup(live)
-            if entry is None or entry.tag != tag or (tag == "int8" and entry.kn != kn):
-                if held.is_released(live):
-                    raise ReleasedWeightError(
-                        f"fusion: weight {w.name} was converted to {entry.tag} by an earlier approximate compile "
-                        f"and its fp32 original released; this graph needs it as {tag}")
-                entry = held.convert(live, tag, kn=bool(kn))
-            attr = f"_approx_weight_{w.name}"
-            gm.register_buffer(attr, entry.weight)
-            with g.inserting_before(users[0]):
-                source = g.get_attr(attr)
-            if fake_mode is not None:
-                source.meta["val"] = fake_mode.from_tensor(entry.weight)
+            entry = _held_entry(live, w.name, tag, kn)
+            source = _buffer(gm, f"_approx_weight_{w.name}", entry.weight, users[0], fake_mode)
             scale = entry.scale
             held_entries[w.name] = entry
         elif tag == "int8":
@@ -275,13 +256,8 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
         else:
             scale = convert_weight_(live, "bf16")
         if tag == "int8":
-            attr = f"_approx_scale_{w.name}"
-            gm.register_buffer(attr, scale)
-            with g.inserting_before(users[0]):
-                ga = g.get_attr(attr)
-            if fake_mode is not None:
-                ga.meta["val"] = fake_mode.from_tensor(scale)
-            for u in users:
+            ga = _buffer(gm, f"_approx_scale_{w.name}", scale, users[0], fake_mode)
+            for u in users:            # (weight, scale) = quantize(W): each getitem reads its buffer instead
                 for gi in list(u.users):
                     assert gi.target is operator.getitem
                     gi.replace_all_uses_with(source if gi.args[1] == 0 else ga)
@@ -298,6 +274,48 @@ def commit(gm: fx.GraphModule, weights: dict[str, torch.Tensor], fake_mode: Any 
     g.lint()
     gm.recompile()
     return converted
+
+
+def _foldable_users(node: fx.Node, weights: dict[str, torch.Tensor], converted: dict[str, str]) -> Optional[list[fx.Node]]:
+    """The users of the weight placeholder `node` transforms, when `commit` can fold them: `node` is a weight
+    transform of a weight in `weights` not converted yet, and every user of that placeholder is the same
+    transform (kind, target, arguments). Else None (the transform stays in the graph)."""
+    if node.graph is None or node.op != "call_function":
+        return None
+    tag = node.meta.get("approx_weight_transform")
+    if tag is None or node.args[0].op != "placeholder" or node.args[0].name not in weights:
+        return None
+    w = node.args[0]
+    if w.name in converted:
+        return None
+    users = list(w.users)
+    if not all(u.meta.get("approx_weight_transform") == tag and u.target is node.target
+               and u.args[1:] == node.args[1:] and u.kwargs == node.kwargs for u in users):
+        return None
+    return users
+
+
+def _held_entry(live: torch.Tensor, name: str, tag: str, kn: Optional[bool]) -> held.Held:
+    """The converted form of `live` the program holds: the registry's when it matches (`tag`, and for int8
+    the layout `kn`), else converted now; a released weight without a matching form raises."""
+    entry = held.lookup(live)
+    if entry is None or entry.tag != tag or (tag == "int8" and entry.kn != kn):
+        if held.is_released(live):
+            raise ReleasedWeightError(
+                f"fusion: weight {name} was converted to {entry.tag} by an earlier approximate compile "
+                f"and its fp32 original released; this graph needs it as {tag}")
+        entry = held.convert(live, tag, kn=bool(kn))
+    return entry
+
+
+def _buffer(gm: fx.GraphModule, attr: str, t: torch.Tensor, before: fx.Node, fake_mode: Any) -> fx.Node:
+    """`t` registered as buffer `attr` of `gm` and read by a get_attr node inserted before `before`."""
+    gm.register_buffer(attr, t)
+    with gm.graph.inserting_before(before):
+        ga = gm.graph.get_attr(attr)
+    if fake_mode is not None:
+        ga.meta["val"] = fake_mode.from_tensor(t)
+    return ga
 
 
 # ----------------------------------------------------------------------------------------------
