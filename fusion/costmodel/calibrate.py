@@ -44,7 +44,9 @@ import ctypes.util
 import dataclasses
 import datetime
 import sys
+import functools
 import time
+from typing import Callable
 
 import torch
 
@@ -52,10 +54,12 @@ from fusion.costmodel import hardware
 from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY, ONEDNN_KEY, HardwareProfile, cpu_model, llc_bytes, machine_key
 from fusion.costmodel.kernel_probe import kernel_rates
 
-#: the clock of every measurement: wall time, or (calibrate(cpu_clock=True), one thread only) the CPU
-#: time of the process, which excludes the time other processes hold the CPU: a load-robust estimate
-#: of what a quiet machine does (with several threads it would add up the threads, so it is refused)
-_clock = time.perf_counter
+#: the clock every measuring function takes (`clock=`, passed down from calibrate): wall time, or
+#: (calibrate(cpu_clock=True), one thread only) the CPU time of the process, which excludes the time other
+#: processes hold the CPU: a load-robust estimate of what a quiet machine does (with several threads it
+#: would add up the threads, so it is refused)
+Clock = Callable[[], float]
+WALL: Clock = time.perf_counter
 #: what the stored profile's fields mean. 2: kernel_overhead is the runtime wrapper (not a bare ctypes
 #: call); view/graph-call/parallel overheads and the small-GEMM curve exist. 3: slope-based rates, ATen
 #: op rates (gelu/silu/softmax) and generated-kernel rates. 4: bmm and attention (SDPA) rate curves.
@@ -67,56 +71,56 @@ MB = 1 << 20
 # ----------------------------------------------------------------------------------------------
 # measurements
 # ----------------------------------------------------------------------------------------------
-def _best(fn, reps: int, inner: int = 1, budget_s: float = 0.25) -> float:
-    """Minimum seconds per call of fn over up to `reps` timed batches of up to `inner` calls (after one
-    warm-up call). Batches are kept near 20 ms and the step stops after `budget_s`, so a busy machine
-    makes the calibration less precise, not much longer."""
-    t0 = _clock()
+def _best(fn, reps: int, inner: int = 1, budget_s: float = 0.25, clock: Clock = WALL) -> float:
+    """Minimum seconds per call of fn (timed with `clock`) over up to `reps` timed batches of up to `inner`
+    calls (after one warm-up call). Batches are kept near 20 ms and the step stops after `budget_s` of wall
+    time, so a busy machine makes the calibration less precise, not much longer."""
+    t0 = clock()
     fn()
-    one = _clock() - t0
+    one = clock() - t0
     inner = max(1, min(inner, int(0.02 / max(one, 1e-9))))
     deadline = time.perf_counter() + budget_s
     best = float("inf")
     for _ in range(reps):
-        t0 = _clock()
+        t0 = clock()
         for _ in range(inner):
             fn()
-        best = min(best, (_clock() - t0) / inner)
+        best = min(best, (clock() - t0) / inner)
         if time.perf_counter() > deadline:
             break
     return best
 
 
-def _copy_bandwidth(nbytes: int, reps: int) -> float:
+def _copy_bandwidth(nbytes: int, reps: int, clock: Clock = WALL) -> float:
     n = max(nbytes // 4, 1024)
     src = torch.empty(n, dtype=torch.float32).fill_(1.0)
     dst = torch.empty(n, dtype=torch.float32).fill_(0.0)
     inner = max(1, int(64 * MB // (8 * n)))            # small copies: batch to beat timer resolution
-    t = _best(lambda: dst.copy_(src), reps, inner)
+    t = _best(lambda: dst.copy_(src), reps, inner, clock=clock)
     return 2 * n * 4 / t
 
 
-def _fresh_write(nbytes: int, reps: int) -> tuple[float, float]:
+def _fresh_write(nbytes: int, reps: int, clock: Clock = WALL) -> tuple[float, float]:
     """(fresh (read+write) bytes/s, page-fault bytes/s) for copies into freshly allocated tensors."""
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32).fill_(1.0)
     dst = torch.empty(n, dtype=torch.float32).fill_(0.0)
-    t_reuse = _best(lambda: dst.copy_(src), reps)
-    t_fresh = _best(lambda: torch.empty(n, dtype=torch.float32).copy_(src), reps)
+    t_reuse = _best(lambda: dst.copy_(src), reps, clock=clock)
+    t_fresh = _best(lambda: torch.empty(n, dtype=torch.float32).copy_(src), reps, clock=clock)
     fresh_bw = 2 * n * 4 / t_fresh
     extra = t_fresh - t_reuse
     fault_bw = n * 4 / extra if extra > 1e-6 else 0.0
     return fresh_bw, fault_bw
 
 
-def _gemm_flops_onednn(n: int, reps: int) -> float:
+def _gemm_flops_onednn(n: int, reps: int, clock: Clock = WALL) -> float:
     """fp32 FLOP/s of oneDNN's linear (what fusion/passes/gemm.py calls instead of ATen's MKL mm), 0 without it."""
     try:
         if not torch.backends.mkldnn.is_available():
             return 0.0
         op = torch.ops.mkldnn._linear_pointwise.default
         a, w = torch.randn(n, n), torch.randn(n, n)
-        return 2 * n**3 / _best(lambda: op(a, w, None, "none", [], ""), reps)
+        return 2 * n**3 / _best(lambda: op(a, w, None, "none", [], ""), reps, clock=clock)
     except (AttributeError, RuntimeError):
         return 0.0
 
@@ -125,7 +129,7 @@ def _gemm_flops_onednn(n: int, reps: int) -> float:
 THREAD_SCALING_FLOOR = 0.75
 
 
-def _onednn_over_mkl(n: int, rounds: int) -> float:
+def _onednn_over_mkl(n: int, rounds: int, clock: Clock = WALL) -> float:
     """oneDNN fp32 GEMM rate / MKL's (torch.mm) with the profile's threads, measured alternately so that
     load hits both alike. On a loaded machine a multi-threaded GEMM loses most when one of its threads is
     descheduled, and how much depends on the library's synchronisation (here: 0.7x at load 4, 1.67x
@@ -134,8 +138,8 @@ def _onednn_over_mkl(n: int, rounds: int) -> float:
     def ratio() -> float:
         mkl, dnn = [], []
         for _ in range(rounds):
-            mkl.append(_gemm_flops(torch.float32, n, 2))
-            dnn.append(_gemm_flops_onednn(n, 2))
+            mkl.append(_gemm_flops(torch.float32, n, 2, clock))
+            dnn.append(_gemm_flops_onednn(n, 2, clock))
         return max(dnn) / max(mkl) if max(mkl) and max(dnn) else 0.0
 
     threads = torch.get_num_threads()
@@ -149,7 +153,7 @@ def _onednn_over_mkl(n: int, rounds: int) -> float:
     return r
 
 
-def _gemm_flops(dtype: torch.dtype, n: int, reps: int) -> float:
+def _gemm_flops(dtype: torch.dtype, n: int, reps: int, clock: Clock = WALL) -> float:
     if dtype == torch.int8:
         if not hasattr(torch, "_int_mm"):
             return 0.0
@@ -167,43 +171,43 @@ def _gemm_flops(dtype: torch.dtype, n: int, reps: int) -> float:
         c = torch.empty(n, n, dtype=dtype)
         fn = lambda: torch.mm(a, b, out=c)             # noqa: E731
     try:
-        return 2 * n**3 / _best(fn, reps)
+        return 2 * n**3 / _best(fn, reps, clock=clock)
     except RuntimeError:
         return 0.0
 
 
-def _slope_rate(run, n: int, reps: int, inner: int) -> float:
+def _slope_rate(run, n: int, reps: int, inner: int, clock: Clock = WALL) -> float:
     """Elements per second of run(k) (one op over k elements) as the SLOPE between k = n/8 and k = n:
     the per-call costs (Python dispatch, OpenMP fork/join) are the same at both sizes and cancel, so
     they are not mistaken for a low throughput (they are charged separately, per call)."""
     n1 = max(n // 8, 1)
-    t1 = _best(lambda: run(n1), reps, inner * 8)
-    t2 = _best(lambda: run(n), reps, inner)
+    t1 = _best(lambda: run(n1), reps, inner * 8, clock=clock)
+    t2 = _best(lambda: run(n), reps, inner, clock=clock)
     if t2 > t1 * 1.2:
         return (n - n1) / (t2 - t1)
     return n / t2                                     # too noisy to separate: the plain (lower) rate
 
 
-def _vector_flops(n: int, reps: int) -> float:
+def _vector_flops(n: int, reps: int, clock: Clock = WALL) -> float:
     a, b, c, o = (torch.rand(n) for _ in range(4))
     inner = max(1, (1 << 22) // n)
-    return 2 * _slope_rate(lambda k: torch.addcmul(a[:k], b[:k], c[:k], out=o[:k]), n, reps, inner)
+    return 2 * _slope_rate(lambda k: torch.addcmul(a[:k], b[:k], c[:k], out=o[:k]), n, reps, inner, clock)
 
 
-def _transcendental_rates(n: int, reps: int) -> dict[str, float]:
+def _transcendental_rates(n: int, reps: int, clock: Clock = WALL) -> dict[str, float]:
     x = torch.rand(n) * 4 - 2
     o = torch.empty(n)
     inner = max(1, (1 << 20) // n)
     return {
-        name: _slope_rate(lambda k, f=f: f(x[:k], out=o[:k]), n, reps, inner)
+        name: _slope_rate(lambda k, f=f: f(x[:k], out=o[:k]), n, reps, inner, clock)
         for name, f in (("exp", torch.exp), ("tanh", torch.tanh), ("erf", torch.erf))
     }
 
 
-def _aten_overhead(calls: int) -> float:
+def _aten_overhead(calls: int, clock: Clock = WALL) -> float:
     a, b = torch.ones(1), torch.ones(1)
     add = torch.ops.aten.add.Tensor
-    return _best(lambda: add(a, b), 5, calls)
+    return _best(lambda: add(a, b), 5, calls, clock=clock)
 
 
 #: ATen ops with their own vectorised approximations (gelu's erf, silu's and softmax's exp are faster
@@ -211,7 +215,7 @@ def _aten_overhead(calls: int) -> float:
 _OP_RATES = (("gelu", 4, 0), ("silu", 3, 0), ("sigmoid", 2, 0), ("softmax", 4, 1024))
 
 
-def _op_rates(n: int, reps: int, vector_flops: float) -> dict[str, float]:
+def _op_rates(n: int, reps: int, vector_flops: float, clock: Clock = WALL) -> dict[str, float]:
     """Per ATen op: transcendental evaluations/s INSIDE the op, i.e. n / (t_op - FLOPs / vector_flops),
     the op's time measured as a slope (per-call costs cancel), so that the model's compute term
     FLOPs / vector_flops + n / rate reproduces the op's measured throughput."""
@@ -226,19 +230,19 @@ def _op_rates(n: int, reps: int, vector_flops: float) -> dict[str, float]:
             run = lambda k: torch.sigmoid(x[:k])                               # noqa: E731
         else:
             run = lambda k: torch._softmax(x[:k].view(-1, row), -1, False)     # noqa: E731
-        r = _slope_rate(run, n, reps, max(1, (1 << 20) // n))
+        r = _slope_rate(run, n, reps, max(1, (1 << 20) // n), clock)
         t_tr = 1.0 / r - f / vector_flops
         out[name] = 1.0 / t_tr if t_tr > 0.1 / r else r
     return out
 
 
-def _view_overhead(calls: int) -> float:
+def _view_overhead(calls: int, clock: Clock = WALL) -> float:
     x = torch.ones(4, 4)
     view, permute = torch.ops.aten.view.default, torch.ops.aten.permute.default
-    return _best(lambda: (view(x, [16]), permute(x, [1, 0])), 5, calls) / 2
+    return _best(lambda: (view(x, [16]), permute(x, [1, 0])), 5, calls, clock=clock) / 2
 
 
-def _kernel_call_overhead(calls: int) -> float:
+def _kernel_call_overhead(calls: int, clock: Clock = WALL) -> float:
     """A replica of what fusion.backends.cpp.runtime does to call one generated kernel (see the module docstring)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
     fn = libc.memcpy
@@ -263,16 +267,16 @@ def _kernel_call_overhead(calls: int) -> float:
             return o0
 
     w, x, y = Wrapper(), torch.ones(4, 16), torch.ones(16)
-    return _best(lambda: w(x, y), 5, calls)
+    return _best(lambda: w(x, y), 5, calls, clock=clock)
 
 
-def _graph_call_overhead(calls: int) -> float:
+def _graph_call_overhead(calls: int, clock: Clock = WALL) -> float:
     gm = torch.fx.symbolic_trace(lambda x: (x,))
     x = torch.ones(1)
-    return _best(lambda: gm(x), 5, calls)
+    return _best(lambda: gm(x), 5, calls, clock=clock)
 
 
-def _parallel_overhead(reps: int) -> float:
+def _parallel_overhead(reps: int, clock: Clock = WALL) -> float:
     """Fork/join of one OpenMP parallel region (see the module docstring); 0 with one thread."""
     threads = torch.get_num_threads()
     if threads < 2:
@@ -281,19 +285,19 @@ def _parallel_overhead(reps: int) -> float:
     a, b = torch.rand(2 * grain), torch.rand(2 * grain)
     o = torch.empty(2 * grain)
     a1, b1, o1 = a[:grain], b[:grain], o[:grain]
-    t_par = _best(lambda: torch.add(a, b, out=o), reps, 200)
-    t_one = _best(lambda: torch.add(a1, b1, out=o1), reps, 200)   # <= grain: runs on one thread
+    t_par = _best(lambda: torch.add(a, b, out=o), reps, 200, clock=clock)
+    t_one = _best(lambda: torch.add(a1, b1, out=o1), reps, 200, clock=clock)   # <= grain: runs on one thread
     return max(t_par - t_one, 0.0)
 
 
-def _gemm_curve(sizes, reps: int) -> list[list[float]]:
+def _gemm_curve(sizes, reps: int, clock: Clock = WALL) -> list[list[float]]:
     """[[FLOPs, FLOP/s], ...] ascending. A bigger GEMM is never slower per FLOP than a smaller one on
     this hardware, and contention only ever slows a measurement down, so each rate is raised to the
     best rate of the smaller sizes before it (a preempted long GEMM must not bend the curve down)."""
     out, best = [], 0.0
     for n in sizes:
         a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        t = _best(lambda: torch.mm(a, b, out=c), reps, 50)
+        t = _best(lambda: torch.mm(a, b, out=c), reps, 50, clock=clock)
         best = max(best, 2.0 * n ** 3 / t)
         out.append([2.0 * n ** 3, best])
     return out
@@ -304,7 +308,8 @@ def _gemm_curve(sizes, reps: int) -> list[list[float]]:
 HEADS, HEAD_DIM = 12, 64
 
 
-def _attention_curves(sizes, reps: int, vec: float, exp_rate: float) -> dict[str, list[list[float]]]:
+def _attention_curves(sizes, reps: int, vec: float, exp_rate: float,
+                      clock: Clock = WALL) -> dict[str, list[list[float]]]:
     """{BMM_KEY: [[FLOPs per call, FLOP/s], ...], ATTENTION_KEY: [...]} at S in `sizes`.
 
     A batched product over heads with K or N = 64 runs far below the square-GEMM rate (MKL's batched
@@ -323,8 +328,9 @@ def _attention_curves(sizes, reps: int, vec: float, exp_rate: float) -> dict[str
         s = torch.empty(h, n, n)
         qb, kt, vb = q[0], k[0].transpose(1, 2), v[0]
         flops = 2.0 * h * n * n * d                                  # one of the two products
-        t_bmm = _best(lambda: torch.bmm(qb, kt, out=s), reps, 20) + _best(lambda: torch.bmm(s, vb), reps, 20)
-        t_att = _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps, 20)
+        t_bmm = (_best(lambda: torch.bmm(qb, kt, out=s), reps, 20, clock=clock)
+                 + _best(lambda: torch.bmm(s, vb), reps, 20, clock=clock))
+        t_att = _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps, 20, clock=clock)
         scores = h * n * n
         rest = 6.0 * scores / vec + scores / exp_rate
         bmm.append([flops, 2 * flops / t_bmm])
@@ -334,15 +340,11 @@ def _attention_curves(sizes, reps: int, vec: float, exp_rate: float) -> dict[str
 
 def calibrate(scale: float = 1.0, verbose: bool = False, cpu_clock: bool = False) -> HardwareProfile:
     """Measure now. scale=1 takes ~3-4 s on 2 cores; scale<1 shrinks sizes and repetitions (tests).
-    cpu_clock: time with the process CPU clock (one torch thread only; see _clock)."""
-    global _clock
+    cpu_clock: time with the process CPU clock (one torch thread only; see Clock), passed down to every
+    measurement (no global state: a calibration cannot change the clock of another)."""
     if cpu_clock and torch.get_num_threads() != 1:
         raise ValueError("cpu_clock=True needs torch.set_num_threads(1): CPU time adds up the threads")
-    _clock = time.process_time if cpu_clock else time.perf_counter
-    try:
-        hw = _calibrate(scale, verbose)
-    finally:
-        _clock = time.perf_counter
+    hw = _calibrate(scale, verbose, time.process_time if cpu_clock else WALL)
     if cpu_clock:
         hw = dataclasses.replace(hw, source=hw.source + ", process CPU clock (load-robust, 1 thread)")
     elif hardware.is_noisy(hw.calibration_load) and torch.get_num_threads() > 1:
@@ -354,7 +356,8 @@ def calibrate(scale: float = 1.0, verbose: bool = False, cpu_clock: bool = False
     return hw
 
 
-def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
+def _calibrate(scale: float, verbose: bool, clock: Clock = WALL) -> HardwareProfile:
+    """Every measurement, timed with `clock`, into a HardwareProfile."""
     t_start = time.perf_counter()
     load = hardware.load_average()
     full = scale >= 1.0
@@ -370,33 +373,35 @@ def _calibrate(scale: float, verbose: bool) -> HardwareProfile:
 
     with torch.no_grad():
         big = max(int(256 * MB * scale), 4 * MB)
-        copy_bw = step("copy", lambda: _copy_bandwidth(big, reps))
-        cache_bw = step("cache", lambda: _copy_bandwidth(min(4 * MB, max(llc // 8, 256 << 10)), reps))
-        fresh_bw, fault_bw = step("fresh", lambda: _fresh_write(max(int(64 * MB * scale), 4 * MB), reps))
+        copy_bw = step("copy", lambda: _copy_bandwidth(big, reps, clock))
+        cache_bw = step("cache", lambda: _copy_bandwidth(min(4 * MB, max(llc // 8, 256 << 10)), reps, clock))
+        fresh_bw, fault_bw = step("fresh", lambda: _fresh_write(max(int(64 * MB * scale), 4 * MB), reps, clock))
+        g_reps = 3 if full else 2
         gemm = {
-            "float32": step("gemm32", lambda: _gemm_flops(torch.float32, 1024 if full else 256, 3 if full else 2)),
-            "bfloat16": step("gemm16", lambda: _gemm_flops(torch.bfloat16, 2048 if full else 256, 3 if full else 2)),
-            "int8": step("gemm8", lambda: _gemm_flops(torch.int8, 2048 if full else 256, 3 if full else 2)),
+            "float32": step("gemm32", lambda: _gemm_flops(torch.float32, 1024 if full else 256, g_reps, clock)),
+            "bfloat16": step("gemm16", lambda: _gemm_flops(torch.bfloat16, 2048 if full else 256, g_reps, clock)),
+            "int8": step("gemm8", lambda: _gemm_flops(torch.int8, 2048 if full else 256, g_reps, clock)),
         }
         # oneDNN vs MKL: the ratio, measured alternately (a busy machine hurts oneDNN's OpenMP threads
         # much more than MKL's; measured one after the other the two rates are not comparable)
-        ratio = step("gemm32-onednn", lambda: _onednn_over_mkl(512 if full else 256, 3 if full else 2))
+        ratio = step("gemm32-onednn", lambda: _onednn_over_mkl(512 if full else 256, 3 if full else 2, clock))
         gemm[ONEDNN_KEY] = ratio * gemm["float32"]
         gemm = {k: v for k, v in gemm.items() if v > 0}
         gemm.setdefault("float32", 1e10)
-        vec = step("vector", lambda: _vector_flops(1 << 18 if full else 1 << 15, reps))    # 4 x 1 MB: in cache
-        rates = step("transc", lambda: _transcendental_rates(1 << 19 if full else 1 << 15, reps))
-        rates.update(step("op-rates", lambda: _op_rates(1 << 19 if full else 1 << 15, reps, vec)))
+        vec = step("vector", lambda: _vector_flops(1 << 18 if full else 1 << 15, reps, clock))    # 4 x 1 MB: in cache
+        rates = step("transc", lambda: _transcendental_rates(1 << 19 if full else 1 << 15, reps, clock))
+        rates.update(step("op-rates", lambda: _op_rates(1 << 19 if full else 1 << 15, reps, vec, clock)))
         krates = step("kernel-rates", lambda: kernel_rates(1 << 19 if full else 1 << 15, reps, big // 4,
-                                                           best=_best, slope=_slope_rate))
-        aten_oh = step("aten", lambda: _aten_overhead(2000 if full else 200))
-        kern_oh = step("kernel", lambda: _kernel_call_overhead(2000 if full else 200))
-        view_oh = step("view", lambda: _view_overhead(2000 if full else 200))
-        graph_oh = step("graph", lambda: _graph_call_overhead(2000 if full else 200))
-        par_oh = step("parallel", lambda: _parallel_overhead(reps))
-        curve = step("gemm-curve", lambda: _gemm_curve((32, 64, 128, 256, 512) if full else (32, 64), reps))
+                                                           best=functools.partial(_best, clock=clock),
+                                                           slope=functools.partial(_slope_rate, clock=clock)))
+        aten_oh = step("aten", lambda: _aten_overhead(2000 if full else 200, clock))
+        kern_oh = step("kernel", lambda: _kernel_call_overhead(2000 if full else 200, clock))
+        view_oh = step("view", lambda: _view_overhead(2000 if full else 200, clock))
+        graph_oh = step("graph", lambda: _graph_call_overhead(2000 if full else 200, clock))
+        par_oh = step("parallel", lambda: _parallel_overhead(reps, clock))
+        curve = step("gemm-curve", lambda: _gemm_curve((32, 64, 128, 256, 512) if full else (32, 64), reps, clock))
         heads = step("attention", lambda: _attention_curves((4, 16, 64, 128, 512, 1024) if full else (4, 16, 64), reps, vec,
-                                                             rates.get("exp", 1e9)))
+                                                             rates.get("exp", 1e9), clock))
     if curve:                                          # the peak is at least the best small-GEMM rate
         gemm["float32"] = max(gemm["float32"], curve[-1][1])
     for key, pts in heads.items():                     # beyond the largest size: its rate
