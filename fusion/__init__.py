@@ -39,18 +39,23 @@ _register_backend()
 
 
 def explain_last(n: int = 1) -> str:
-    """explain() of the last `n` graphs compiled in this process (e.g. by torch.compile(backend="fusion"))."""
+    """explain() of the last `n` graphs compiled in this process (e.g. by torch.compile(backend="fusion")),
+    oldest first. A graph the program has dropped since is explained from what was recorded when it was
+    compiled (its log and program code: fusion.pipeline.CompileRecord), so asking never keeps graphs alive."""
     from fusion.pipeline import RECENT
-    from fusion.analysis.explain import explain_text
+    from fusion.analysis.explain import explain_recorded
 
-    return "\n".join(explain_text("torch.compile", c) for c in RECENT[-n:])
+    return "\n".join(explain_recorded("torch.compile", r) for r in RECENT[-n:])
 
 
 def last_compiled(n: int = 1) -> list:
     """The last `n` graphs compiled in this process (`fusion.pipeline.CompiledGraph`, oldest first): `.code`,
     `.log` (passes, kernels, fallbacks) and, with approximate rewrites, `.log.approx` (`fusion.approx.ApproxResult`:
     every site, kept or reverted, and the measured error and cosine). After `torch.compile(backend="fusion")` this
-    is how a program is inspected; `explain_last(n)` prints the same as `OptimizedModule.explain()`."""
+    is how a program is inspected; `explain_last(n)` prints the same as `OptimizedModule.explain()`. Only graphs
+    still alive (held by a compiled model or by the caller) are returned: of the last `n` compiles, one whose
+    program was dropped has been freed and is left out (`explain_last` still describes it)."""
     from fusion.pipeline import RECENT
 
-    return list(RECENT[-n:]) if n > 0 else []
+    live = (r.compiled for r in RECENT[-n:]) if n > 0 else ()
+    return [g for g in live if g is not None]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Union
 
 import torch.fx as fx
@@ -53,7 +54,8 @@ class CompileLog:
     fallbacks: list[str] = field(default_factory=list)
     approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
     backend: str = ""                                    # the backend that built the kernels (fusion.backends)
-    onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
+    onednn_gemms: int = 0
+    gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name)
@@ -177,6 +179,15 @@ class Context:
     unprepared: fx.GraphModule | None = None   # before prepare: kept when lowering makes no kernel
     plan: Any = None                           # lower.KernelPlan, from lower to build
     backend: Any = None                        # backends.Backend, chosen by lower
+    tuner: Any = None                          # passes.gemm.GemmTuner: measured GEMM times (merge, gemm)
+
+    def gemm_tuner(self) -> Any:
+        """The graph's GEMM tuner (one budget for merge and gemm); None with Config(tune=False)."""
+        if self.tuner is None and self.config.tune:
+            from fusion.passes.gemm import GemmTuner
+
+            self.tuner = GemmTuner(self.config.cache_dir, self.config.tune_budget_s)
+        return self.tuner
 
 
 def normalize_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -202,7 +213,7 @@ def approximate_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
 
 
 def merge_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
-    merged = _merge(gm, ctx.hw, ctx.stackable)
+    merged = _merge(gm, ctx.hw, ctx.stackable, ctx.gemm_tuner())
     info: dict = {"fired": merged.fired} if merged.fired else {}
     if merged.decisions:
         info["rewrite_stats"] = {"shared_matmul": merged.decisions}
@@ -235,9 +246,13 @@ def build_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
 def gemm_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     from fusion.passes.gemm import lower_stacked_linears, use_onednn_gemms
 
-    gm, _ = lower_stacked_linears(gm, ctx.hw)     # merged shared-input products (fusion/dialect/stacked.py)
-    gm, moved = use_onednn_gemms(gm, ctx.hw)      # a new module when it changes anything
-    return PassResult(gm, {"onednn_gemms": moved})
+    tuner = ctx.gemm_tuner()                      # each product on the library measured fastest at its shape
+    gm, _ = lower_stacked_linears(gm, ctx.hw, tuner)   # merged shared-input products (fusion/dialect/stacked.py)
+    gm, moved = use_onednn_gemms(gm, ctx.hw, tuner)    # a new module when it changes anything
+    info: dict = {"onednn_gemms": moved}
+    if tuner is not None:
+        info["gemm_tuning"] = {"measured": len(tuner.budget.measured), "seconds": round(tuner.budget.spent, 3)}
+    return PassResult(gm, info)
 
 
 def _approximating(ctx: Context) -> bool:
@@ -373,11 +388,11 @@ def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
     return result
 
 
-def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str]) -> Any:
-    """Shared-input matmuls -> one GEMM + split where the cost model predicts it faster (fusion/passes/merge.py)."""
+def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str], tuner: Any = None) -> Any:
+    """Shared-input matmuls -> one GEMM + split where measured (or predicted) faster (fusion/passes/merge.py)."""
     from fusion.passes.merge import merge_shared_matmuls
 
-    return merge_shared_matmuls(gm, hw, stackable)
+    return merge_shared_matmuls(gm, hw, stackable, tuner)
 
 
 def _approximate(gm: fx.GraphModule, config: Config, weights: dict, example_args: list, hold_weights: bool) -> Any:
@@ -404,12 +419,44 @@ def _check_exact_fallback(weights: dict) -> None:
             "as a fallback either; see the warning above")
 
 
-#: the most recent compile logs (newest last), for `fusion.explain_last()` after torch.compile.
-RECENT: list[CompiledGraph] = []
+def aten_calls(gm: fx.GraphModule) -> int:
+    """The call_function nodes of a program (what explain() counts as ATen calls beside the kernels)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+
+@dataclass
+class CompileRecord:
+    """One entry of RECENT: what `fusion.explain_last()` needs of a compiled graph, without keeping the graph,
+    its kernels or its weights alive. `log` (the approximate graph left out: it holds converted weights),
+    `config`, the lowered program's `code` and `aten_calls`, all taken at compile time; `compiled`, the
+    CompiledGraph while the user's program still holds it, None once it was dropped and freed."""
+
+    log: CompileLog
+    config: Config
+    code: str
+    aten_calls: int
+    ref: weakref.ref[CompiledGraph]
+
+    @property
+    def compiled(self) -> CompiledGraph | None:
+        return self.ref()
+
+    @classmethod
+    def of(cls, compiled: CompiledGraph) -> CompileRecord:
+        log = compiled.log
+        if getattr(log.approx, "gm", None) is not None:     # a copy of the log: the live graph keeps its own
+            log = replace(log, approx=replace(log.approx, gm=None))
+        return cls(log, compiled.config, compiled.gm.code, aten_calls(compiled.gm), weakref.ref(compiled))
+
+
+#: the most recent compiles (newest last), for `fusion.explain_last()` / `fusion.last_compiled()` after
+#: torch.compile: lightweight records, so a compiled graph the user dropped is freed.
+RECENT: list[CompileRecord] = []
 
 
 def remember(compiled: CompiledGraph) -> CompiledGraph:
-    RECENT.append(compiled)
+    """Record `compiled` in RECENT (the 32 newest kept) and return it unchanged."""
+    RECENT.append(CompileRecord.of(compiled))
     del RECENT[:-32]
     return compiled
 

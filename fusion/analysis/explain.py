@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from fusion.costmodel.hardware import achieved_bandwidth, mbu
-from fusion.pipeline import CompiledGraph
+from fusion.pipeline import CompiledGraph, CompileRecord, CompileLog, aten_calls
 
 
 def fmt_bytes(n: float) -> str:
@@ -36,10 +36,25 @@ def _hw(config: Any) -> Any:
 
 
 def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: float = 0.0) -> str:
-    log = compiled.log
+    """explain() of a compiled graph: its log, its lowered program's code and ATen calls, priced with the
+    hardware profile of its config."""
     gm = compiled.gm
+    return explain_log(model_name, compiled.log, compiled.config, gm.code, aten_calls(gm), capture_seconds)
+
+
+def explain_recorded(model_name: str, record: CompileRecord) -> str:
+    """explain_text of a remembered compile (fusion.pipeline.RECENT): from the graph itself while the user's
+    program holds it, else from what the record took at compile time (the same text for an unchanged graph)."""
+    live = record.compiled
+    if live is not None:
+        return explain_text(model_name, live)
+    return explain_log(model_name, record.log, record.config, record.code, record.aten_calls)
+
+
+def explain_log(model_name: str, log: CompileLog, config: Any, code: str, n_aten: int,
+                capture_seconds: float = 0.0) -> str:
+    """The explain() text from a compile log, the program's code and its number of ATen calls."""
     n_kernels = len(log.kernels)
-    n_aten = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     lines = [
         f"fusion: {model_name} ({log.label} graph): {log.num_nodes} captured nodes -> "
         f"{n_kernels} fused kernels + {n_aten} ATen calls",
@@ -93,7 +108,7 @@ def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: floa
         lines += ["", "approximate rewrites (opt-in; relu_attention is exact only for models trained with it):",
                   "  " + log.approx.summary().replace("\n", "\n  ")]
     lines += ["", "kernels:"]
-    hw = _hw(compiled.config) if log.kernels else None
+    hw = _hw(config) if log.kernels else None
     for k in log.kernels:
         pred = _predict(k, hw)
         lines.append(
@@ -105,13 +120,13 @@ def explain_text(model_name: str, compiled: CompiledGraph, capture_seconds: floa
     if not log.kernels:
         lines.append("  (none: the program runs on ATen)")
     if getattr(log, "onednn_gemms", 0):
-        rates = getattr(_hw(compiled.config), "gemm_flops", {}) or {}
+        rates = getattr(_hw(config), "gemm_flops", {}) or {}
         ratio = rates.get("float32_onednn", 0.0) / (rates.get("float32") or 1.0)
         lines += ["", f"GEMM library: {log.onednn_gemms} fp32 matrix products run on oneDNN (mkldnn._linear_pointwise), "
                       f"measured {ratio:.1f}x ATen's MKL mm on this machine (fusion/passes/gemm.py)"]
     lines += ["", "fallbacks:"]
     lines += [f"  {f}" for f in log.fallbacks] or ["  (none)"]
-    lines += ["", "program:", gm.code.strip("\n")]
+    lines += ["", "program:", code.strip("\n")]
     return "\n".join(lines) + "\n"
 
 
