@@ -38,6 +38,12 @@ class Config:
                    never at import: `resolve_cxx`).
     fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
     verbose:       print each pass and its timing.
+    tune:          time what the roofline cannot settle (which GEMM library runs each fp32 CPU product) on the
+                   program's own shapes at compile time, and keep the result in the tuning cache
+                   (<cache>/tuning/<CPU identity>: shared by every process and model on this machine); False:
+                   the calibrated profile's rates decide (fusion/costmodel/tuning.py, fusion/passes/gemm.py).
+    tune_budget_s: seconds of such measuring one compiled graph may spend (shapes already in the tuning cache
+                   cost nothing); past it the profile decides.
     structural_cache: look the module up in the structural cache before capturing it (fusion/store/structural.py):
                    the same architecture optimized before, with any weights, skips torch.export, rewriting
                    and lowering. The key is the module's computation traced on fake tensors, never weights.
@@ -60,6 +66,8 @@ class Config:
     fallback: bool = True
     verbose: bool = False
     structural_cache: bool = True
+    tune: bool = True
+    tune_budget_s: float = 10.0
 
     def __post_init__(self) -> None:
         approx = self.approximate
@@ -95,6 +103,11 @@ class Config:
             raise ConfigError(f"Config.cxx must be a compiler command (a non-empty str) or None, got {self.cxx!r}")
         if not isinstance(self.structural_cache, bool):
             raise ConfigError(f"Config.structural_cache must be True or False, got {self.structural_cache!r}")
+        if not isinstance(self.tune, bool):
+            raise ConfigError(f"Config.tune must be True or False, got {self.tune!r}")
+        if not isinstance(self.tune_budget_s, (int, float)) or isinstance(self.tune_budget_s, bool) \
+                or self.tune_budget_s < 0:
+            raise ConfigError(f"Config.tune_budget_s must be a number of seconds >= 0, got {self.tune_budget_s!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "Config" | None) -> "Config":
@@ -120,7 +133,7 @@ class Config:
         """A stable string for cache keys."""
         parts = []
         for f in dataclasses.fields(self):
-            if f.name in ("verbose", "cache_dir", "fallback", "structural_cache"):  # never change the program
+            if f.name in ("verbose", "cache_dir", "fallback", "structural_cache", "tune_budget_s"):  # never change the program
                 continue
             v = getattr(self, f.name)
             if f.name == "cxx":   # the compiler that will run: None and its resolved name key the same

@@ -43,11 +43,13 @@ def graph(m, x):
 
 
 def fake_machine(tmp_path, winner: str) -> str:
-    """A tuning cache whose records say `winner` is 2x faster at every product of the model."""
+    """A tuning cache whose records say `winner` is 2x faster at every product of the model (with and without
+    its bias: lowering may move a bias into the next kernel)."""
     loser = "aten" if winner == "onednn" else "onednn"
-    for m, k, n, bias, layout in PRODUCTS:
-        tuning.record("linear", GemmTuner.key(m, k, n, bias, layout), {winner: 1e-4, loser: 2e-4}, str(tmp_path),
-                      how="test")
+    for m, k, n, _, layout in PRODUCTS:
+        for bias in (True, False):
+            tuning.record("linear", GemmTuner.key(m, k, n, bias, layout), {winner: 1e-4, loser: 2e-4},
+                          str(tmp_path), how="test")
     return str(tmp_path)
 
 
@@ -137,3 +139,43 @@ def test_big_products_are_measured_on_a_proxy_within_the_memory_cap(tmp_path, mo
     times = GemmTuner(str(tmp_path), budget_s=30.0).times(512, 128, 50257, True, "nt")
     assert times and set(times) == {"aten", "onednn"}
     assert sum(seen) <= 1 << 20
+
+
+def test_optimize_takes_the_measured_winner_and_reports_it(tmp_path):
+    """Through the public API: fusion.optimize measures the products it has no record of (Config.tune, the
+    default), uses each winner, and a second optimize of the same shapes measures nothing."""
+    import fusion
+
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 16, 256)
+    cfg = fusion.Config(cache_dir=str(tmp_path), structural_cache=False)
+    first = fusion.optimize(model, (x,), config=cfg)
+    assert first.graphs[0].log.gemm_tuning["measured"] >= 3
+    second = fusion.optimize(model, (x,), config=cfg)
+    assert second.graphs[0].log.gemm_tuning["measured"] == 0
+    assert second.code == first.code
+    with torch.no_grad():
+        assert rel_err(second(x), model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("winner", ["onednn", "aten"])
+def test_optimize_follows_the_record_of_this_machine(tmp_path, winner):
+    import fusion
+
+    fake_machine(tmp_path, winner)
+    model, x = MLP().eval(), torch.randn(4, 16, 256)
+    opt = fusion.optimize(model, (x,), config=fusion.Config(cache_dir=str(tmp_path), structural_cache=False))
+    assert opt.graphs[0].log.gemm_tuning["measured"] == 0
+    assert (opt.graphs[0].log.onednn_gemms == 3) is (winner == "onednn")
+    assert ("linear" in opt.code) is (winner == "onednn")
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) <= 1e-4
+
+
+def test_tune_off_and_bad_budgets():
+    import fusion
+
+    assert fusion.Config(tune=False).key() != fusion.Config().key()
+    assert fusion.Config(tune_budget_s=1.0).key() == fusion.Config().key()   # the budget never changes a program
+    with pytest.raises(fusion.ConfigError, match="tune_budget_s"):
+        fusion.Config(tune_budget_s=-1)
