@@ -54,8 +54,8 @@ class CompileLog:
     fallbacks: list[str] = field(default_factory=list)
     approx: Any = None                                   # fusion.approx.ApproxResult when approximations ran
     backend: str = ""                                    # the backend that built the kernels (fusion.backends)
-    onednn_gemms: int = 0
-    gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
+    onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
+    gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name)
