@@ -119,11 +119,13 @@ def explain_log(model_name: str, log: CompileLog, config: Any, code: str, n_aten
         )
     if not log.kernels:
         lines.append("  (none: the program runs on ATen)")
-    if getattr(log, "onednn_gemms", 0):
-        rates = getattr(_hw(config), "gemm_flops", {}) or {}
-        ratio = rates.get("float32_onednn", 0.0) / (rates.get("float32") or 1.0)
+    tuned = getattr(log, "gemm_tuning", {}) or {}
+    if getattr(log, "onednn_gemms", 0) or tuned:
+        how = (f"each product's library measured at its shape ({tuned.get('measured', 0)} timed now, "
+               f"{tuned.get('seconds', 0.0):.2f} s; the others from the tuning cache)" if tuned else
+               "by the profile's GEMM rates (Config(tune=False))")
         lines += ["", f"GEMM library: {log.onednn_gemms} fp32 matrix products run on oneDNN (mkldnn._linear_pointwise), "
-                      f"measured {ratio:.1f}x ATen's MKL mm on this machine (fusion/passes/gemm.py)"]
+                      f"the rest on ATen's MKL mm: {how} (fusion/passes/gemm.py)"]
     lines += ["", "fallbacks:"]
     lines += [f"  {f}" for f in log.fallbacks] or ["  (none)"]
     lines += ["", "program:", code.strip("\n")]
