@@ -13,6 +13,22 @@ os.environ.setdefault("FUSION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+class Fn(torch.nn.Module):
+    """A plain function as a module, for torch.export."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *args):
+        return self.f(*args)
+
+
+def aten_graph(f, args, dynamic_shapes=None):
+    """The core-ATen graph of the function f on args (torch.export + run_decompositions)."""
+    return torch.export.export(Fn(f), tuple(args), dynamic_shapes=dynamic_shapes).run_decompositions().graph_module
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error used everywhere in the project."""
     a, b = a.detach().float(), b.detach().float()

@@ -14,6 +14,7 @@ from fusion.config import Config
 from fusion.lower import CodegenError
 from fusion.passes.prepare import prepare
 from fusion.pipeline import lower_to_kernels
+from .conftest import aten_graph
 
 pytestmark = pytest.mark.skipif(
     not any(os.access(os.path.join(p, "g++"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)),
@@ -25,17 +26,8 @@ def cfg(tmp_path_factory):
     return Config(cache_dir=str(tmp_path_factory.mktemp("fusion-cache")))
 
 
-class Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *args):
-        return self.f(*args)
-
-
 def export(f, args, dynamic_shapes=None):
-    return torch.export.export(Fn(f), args, dynamic_shapes=dynamic_shapes).run_decompositions().graph_module
+    return aten_graph(f, args, dynamic_shapes)
 
 
 def relerr(a, b):

@@ -9,20 +9,12 @@ import fusion.dialect.ops  # noqa: F401  (registers torch.ops.fusion.*)
 from fusion.capture import normalize
 from fusion.lower import plan_kernels
 from fusion.lower.kernel_ir import reach
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *args):
-        return self.f(*args)
+from .conftest import aten_graph
 
 
 def one_ir(f, args):
     """The kernel IR of the single kernel lowering makes of f."""
-    gm = normalize(torch.export.export(Fn(f), args).run_decompositions().graph_module)
+    gm = normalize(aten_graph(f, args))
     (ir,) = plan_kernels(gm).irs
     return ir
 

@@ -6,19 +6,11 @@ import torch.nn.functional as F
 
 import fusion.dialect.ops  # noqa: F401
 from fusion.lower import schedule as S
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *args):
-        return self.f(*args)
+from .conftest import aten_graph
 
 
 def groups_of(f, *args):
-    gm = torch.export.export(Fn(f), args).run_decompositions().graph_module
+    gm = aten_graph(f, args)
     return gm, S.schedule(gm)
 
 
@@ -98,8 +90,8 @@ def test_worth_a_kernel():
 
 def test_symbolic_shapes_compare_structurally():
     b = torch.export.Dim("b")
-    gm = torch.export.export(Fn(lambda x, m: torch.softmax(x + m, -1)), (torch.randn(3, 16), torch.randn(16)),
-                             dynamic_shapes=(({0: b}, None),)).run_decompositions().graph_module
+    gm = aten_graph(lambda x, m: torch.softmax(x + m, -1), (torch.randn(3, 16), torch.randn(16)),
+                    dynamic_shapes=(({0: b}, None),))
     gs = S.schedule(gm)
     assert len(gs) == 1 and isinstance(gs[0].D[0], torch.SymInt) and len(gs[0].members) == 2
 

@@ -28,6 +28,7 @@ from fusion.backends.triton.attention import triton_attention
 from fusion.backends.triton.gemm import choose_strategy, linear_epilogue, triton_linear_epilogue, vendor_linear_epilogue
 from fusion.backends.triton.lower import build_kernels, lower_to_triton
 from fusion.config import Config
+from .conftest import aten_graph
 
 # numpy warnings from masked-off lanes (rows past the end of a row block, padded query rows): harmless
 pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered:RuntimeWarning")
@@ -40,17 +41,8 @@ def cfg(tmp_path_factory):
     return Config(cache_dir=str(tmp_path_factory.mktemp("fusion-triton-cache")))
 
 
-class Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *args):
-        return self.f(*args)
-
-
 def graph(f, args):
-    return normalize(torch.export.export(Fn(f), args).run_decompositions().graph_module)
+    return normalize(aten_graph(f, args))
 
 
 def relerr(a, b):
