@@ -1,14 +1,5 @@
-"""Before/after: the captured ATen graph run op by op vs the optimized program (fused kernels + ATen calls).
-
-    cmp = fusion.compare(model, example_inputs)      # optimizes, then analyses both programs
-    cmp = fusion.compare(opt)                        # an existing fusion.optimize result
-    cmp = fusion.analyze(model, x).compare(fusion.analyze(opt))
-    print(cmp); cmp.to_dict(); cmp.roofline_plot("before_after.png")
-
-Both sides are counted with the same cost model (fusion/costmodel/program_cost.py) and timed the same way:
-each call alone as the graph runs node by node (summed: "measured, sum of calls"), and the whole graph
-module end to end (median of `repeat` calls after a warm-up) when `fusion.compare` measured it.
-"""
+"""`fusion.compare(model, example_inputs)`: optimize, then analyse the captured ATen graph and the optimized
+program the same way (the result, `Comparison`, and how both sides are counted and timed: comparison.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
