@@ -2,8 +2,8 @@
 
     modules = build(plan.irs, plan.specs, config)      # name -> runtime.FusedKernel
 
-`render` prints the kernel IR as C++ (it plans nothing the IR does not say), `build` compiles a source
-once per content hash into the kernel cache, `runtime` binds and calls the kernels.
+`render` prints the kernel IR and its plan (`KernelIR.plan`) as C++, `compiler` compiles a source once per
+content hash into the kernel cache, `runtime` binds and calls the kernels.
 """
 from __future__ import annotations
 
