@@ -1,8 +1,9 @@
-"""Eager vs Inductor vs fusion, in one process.
+"""Eager vs Inductor vs fusion (and, with --peers, Inductor with freezing, OpenVINO, ONNX Runtime), in one process.
 
     python -m bench.run                         # every case (micro + models)
     python -m bench.run --micro --only softmax,swiglu
     python -m bench.run --models --variants eager,inductor --json out.json --markdown
+    python -m bench.run --models --peers        # + inductor_freezing, openvino, onnxruntime (bench/peers.py)
 
 Per case and variant: warm-up, then the median of N calls timed with time.perf_counter (N adapts to
 --budget seconds, at least --min-repeat), compile time = the first call of the compiled function,
@@ -10,9 +11,10 @@ relative error max|a-b|/max|b| against eager. Micro cases also report the achiev
 minimal bytes (inputs read once + output written once) / time, in GB/s and as a fraction of the
 calibrated copy bandwidth (fusion.costmodel.profile_store.load_or_calibrate()).
 
-torch.set_num_threads(--threads, default 2), torch.no_grad(). The fusion backend may be absent or
-failing: its column then says "error: ...". A FusionFallbackWarning during compile marks the result
-"fallback" (it then ran the original graph).
+torch.set_num_threads(--threads, default 2; ONNX Runtime's intra-op and OpenVINO's threads the same),
+torch.no_grad(). Any variant may be absent or failing: its column then says "failed: ...". A
+FusionFallbackWarning during compile marks the result "fallback" (it then ran the original graph). The
+tables' headers name the CPU (/proc/cpuinfo) and the caches (cold with --cold, else warm).
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ if __package__ in (None, ""):                  # `python bench/run.py`: make the
 import torch
 
 from bench.cases import ALL, MICRO, MODELS, Case, min_bytes
+from bench.peers import ALL as ALL_VARIANTS
+from bench.peers import PEERS, SHORT, build_variant, caches_line, cpu_line
+from bench.peers import short as _short
 
-VARIANTS = ("eager", "inductor", "fusion")
+VARIANTS = ("eager", "inductor", "fusion")     # the default set; --peers adds PEERS
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,31 +49,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
-
-
 def bandwidth_figures(nbytes: float, seconds: float, copy_bw: float) -> dict:
     """GB/s and the fraction of the calibrated copy bandwidth (MBU) of `nbytes` moved in `seconds`:
     the same functions fusion.analyze uses for its MBU column (fusion.costmodel.hardware.mbu)."""
     from fusion.costmodel.hardware import achieved_bandwidth, mbu
 
     return {"gbps": achieved_bandwidth(nbytes, seconds) / 1e9, "frac_copy_bw": mbu(nbytes, seconds, copy_bw)}
-
-
-def compile_variant(fn, variant: str):
-    if variant == "eager":
-        return fn
-    if variant == "inductor":
-        return torch.compile(fn)
-    if variant == "fusion":
-        try:
-            import fusion  # noqa: F401  (registers backend="fusion" in un-installed checkouts)
-        except Exception as e:                 # the package is being built: report, don't die
-            raise RuntimeError(f"import fusion failed: {_short(e)}") from e
-        return torch.compile(fn, backend="fusion")
-    raise ValueError(f"unknown variant {variant!r}")
 
 
 def time_calls(f, inputs, warmup: int, budget_s: float, min_n: int, max_n: int, fixed_n: int | None):
@@ -160,9 +146,8 @@ def _run_case(case: Case, variants, args, copy_bw: float, hw=None) -> dict:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    f = compile_variant(fn, v)
-                    t0 = time.perf_counter()
-                    out = f(*inputs)                    # first call: compiles (compiled variants)
+                    t0 = time.perf_counter()            # compile (export + session for onnxruntime) + first call
+                    f, out = build_variant(fn, inputs, v, args.threads)
                     first = time.perf_counter() - t0
                 fb = [str(w.message).splitlines()[0][:160] for w in caught
                       if "Fallback" in type(w.message).__name__ or "fall" in str(w.message).lower()]
@@ -179,6 +164,8 @@ def _run_case(case: Case, variants, args, copy_bw: float, hw=None) -> dict:
                          spread=(q[2] - q[0]) / med if med else 0.0, cpu_s=cpu)
                 if mb:
                     r.update(bandwidth_figures(mb, med, copy_bw))
+                if getattr(f, "exporter", None):
+                    r["exporter"] = f.exporter
                 del f, out
             except Exception as e:                     # any variant may fail; the others still run
                 r = {"error": _short(e)}
@@ -202,10 +189,11 @@ def _run_case(case: Case, variants, args, copy_bw: float, hw=None) -> dict:
 # ---------------------------------------------------------------------------------------------- output
 def _ms(r: dict) -> str:
     if "error" in r:
-        return "error: " + r["error"]
+        return "failed: " + r["error"]
     if "median_s" not in r:
         return "-"
     s = f"{r['median_s'] * 1e3:.2f}"
+    s += " (torchscript export)" if r.get("exporter") == "torchscript" else ""
     return s + (" (fallback)" if r.get("fallback") else "")
 
 
@@ -240,7 +228,7 @@ def table_rows(records: list[dict], variants) -> tuple[list[str], list[list[str]
     if any(r["kind"] == "micro" for r in records):
         cols += [f"GB/s {v} (% copy)" for v in variants]
         cols += ["model eager/fused ms"]
-    cols += ["cpu ms " + "/".join(v[0] for v in variants), "spread %", "busy %"]
+    cols += ["cpu ms " + "/".join(SHORT.get(v, v) for v in variants), "spread %", "busy %"]
     rows = []
     for rec in records:
         res = rec["results"]
@@ -296,7 +284,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default="", help="comma-separated case names: " + ",".join(ALL))
     ap.add_argument("--micro", action="store_true", help="micro cases only (with --models: both)")
     ap.add_argument("--models", action="store_true", help="model cases only (with --micro: both)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of eager,inductor,fusion")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of " + ",".join(ALL_VARIANTS) + " (default: eager,inductor,fusion)")
+    ap.add_argument("--peers", action="store_true",
+                    help="add the peers " + ",".join(PEERS) + " to --variants (pip install -e '.[bench]')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=None, help="fixed number of timed calls")
@@ -316,9 +307,10 @@ def _parser() -> argparse.ArgumentParser:
 def _selection(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list]:
     """(variants, cases) the arguments name; an unknown name is a usage error (exits)."""
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    variants += [p for p in PEERS if args.peers and p not in variants]
+    bad = [v for v in variants if v not in ALL_VARIANTS]
     if bad:
-        ap.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+        ap.error(f"unknown variant(s) {bad}; choose from {list(ALL_VARIANTS)}")
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in ALL]
@@ -333,6 +325,8 @@ def _environment(args: argparse.Namespace, hw) -> str:
     env = (f"torch {torch.__version__}, {args.threads} threads, {hw.name}, calibrated copy bandwidth "
            f"{hw.copy_bandwidth / 1e9:.1f} GB/s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(env, flush=True)
+    print(cpu_line(), flush=True)
+    print(caches_line(args.cold), flush=True)
     if hasattr(os, "getloadavg"):
         print(f"load average at the start: {os.getloadavg()[0]:.2f} (2 cores: above ~1 the timings share the CPU)",
               flush=True)
@@ -364,16 +358,17 @@ def _report(records: list[dict], variants: list[str], env: str, args: argparse.N
     if load is not None:
         print(f"load average at the end: {load:.2f}; 'spread %' = largest (p75 - p25) / median of the case's "
               "variants, 'busy %' = CPU use by other processes just before the case, 'cpu ms' = process CPU "
-              "time per call (all threads; e/i/f = eager/inductor/fusion)")
+              "time per call (all threads; " + ", ".join(f"{SHORT[v]} = {v}" for v in variants) + ")")
     if args.markdown:
         for kind in ("micro", "model"):
             sel = [r for r in records if r["kind"] == kind]
             if sel:
                 print()
-                print(markdown(sel, variants, f"### {kind} ({env})"))
+                print(markdown(sel, variants, f"### {kind} ({env})\n\n{cpu_line()}\n\n{caches_line(args.cold)}"))
     if args.json:
-        doc = {"env": env, "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
-               "profile": hw.to_json(), "load_average": load, "variants": variants, "cases": records}
+        doc = {"env": env, "cpu": cpu_line(), "caches": caches_line(args.cold), "torch": torch.__version__,
+               "threads": args.threads, "python": platform.python_version(), "profile": hw.to_json(),
+               "load_average": load, "variants": variants, "cases": records}
         d = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(d, exist_ok=True)
         with open(args.json, "w") as f:

@@ -64,6 +64,7 @@ def test_extras_hold_what_their_names_say():
     assert EXTRAS["plot"] == ["matplotlib"]
     assert EXTRAS["gpu"] == ["triton"]
     assert sorted(EXTRAS["peers"]) == ["onnx", "onnxruntime", "onnxscript", "openvino"]
+    assert EXTRAS["bench"] == ["fusion[peers]", "pytest-benchmark"]   # bench/test_peers.py: peers + its fixture
     assert "fusion[plot,gpu]" in EXTRAS["test"]          # the test suite draws plots and runs triton
     names = {_name(r) for reqs in EXTRAS.values() for r in reqs}
     assert "torch" not in names                         # only the base dependency names torch
@@ -78,6 +79,22 @@ def test_the_test_extra_holds_only_what_is_used():
         module = name.replace("-", "_")
         used = re.search(rf"^\s*(import|from) {module}\b|importorskip\(\"{module}\b", sources, re.M)
         assert used, f"{requirement} is in the test extra but nothing in fusion/, tests/ or notebooks/ imports it"
+
+
+def test_the_peer_extras_are_used_by_bench():
+    """Each package of the `peers` and `bench` extras is imported by bench/ (bench/peers.py loads the peers
+    through _require, which reports a missing one as PeerMissing; bench/test_peers.py importorskips
+    pytest_benchmark)."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "bench").glob("*.py"))
+    for requirement in EXTRAS["peers"] + EXTRAS["bench"]:
+        name = _name(requirement)
+        if name == "fusion":
+            continue
+        module = name.replace("-", "_")
+        used = re.search(rf"^\s*(import|from) {module}\b|(importorskip|_require)\(\"{module}\b", sources,
+                         re.MULTILINE)
+        assert used, f"{requirement} is in the {'bench' if requirement in EXTRAS['bench'] else 'peers'} extra " \
+                     "but nothing in bench/ imports it"
 
 
 def test_make_setup_installs_the_test_extra():
