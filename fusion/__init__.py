@@ -15,6 +15,11 @@ from fusion.config import Config, ConfigError
 from fusion.store.program import LoadedProgram, load
 from fusion.errors import FusionError, FusionFallbackWarning, FusionInputError
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # last_compiled's return type, kept out of the package namespace (not re-exported)
+    from fusion.pipeline import CompiledGraph
+
 __all__ = [
     "Analysis",
     "Comparison",
@@ -48,7 +53,7 @@ def explain_last(n: int = 1) -> str:
     return "\n".join(explain_recorded("torch.compile", r) for r in RECENT[-n:])
 
 
-def last_compiled(n: int = 1) -> list:
+def last_compiled(n: int = 1) -> "list[CompiledGraph]":
     """The last `n` graphs compiled in this process (`fusion.pipeline.CompiledGraph`, oldest first): `.code`,
     `.log` (passes, kernels, fallbacks) and, with approximate rewrites, `.log.approx` (`fusion.approx.ApproxResult`:
     every site, kept or reverted, and the measured error and cosine). After `torch.compile(backend="fusion")` this
