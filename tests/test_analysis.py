@@ -237,7 +237,7 @@ def test_fused_kernel_mbu_agrees_with_the_bench(monkeypatch):
         assert k.bytes == min_bytes((x,), opt(x)) == 2 * 4096 * 1024 * FP32
         assert a.mbu(k) == pytest.approx(bandwidth_figures(k.bytes, k.measured_s, hw.copy_bandwidth)["frac_copy_bw"])
         args = types.SimpleNamespace(warmup=2, budget=0.3, model_budget=1.0, min_repeat=15, max_repeat=60,
-                                     repeat=None, verbose=False)
+                                     repeat=None, verbose=False, threads=torch.get_num_threads())
         case = _micro("softmax_4k", "hand-written softmax, 4096x1024", softmax_hand, (4096, 1024))
         analysed, benched = a.mbu(k), 0.0
         for attempt in range(3):   # contention only ever slows a run down: the best of a few runs of each

@@ -131,6 +131,7 @@ def test_input_error_is_one_line_and_exit_2(capsys):
 
 def test_bench_suite_outside_a_checkout_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bench", None)            # an installed fusion: no bench/ beside it
+    monkeypatch.setitem(sys.modules, "bench.run", None)        # (an earlier test may have imported it)
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fusion: bench without MODEL") and err.count("\n") == 1

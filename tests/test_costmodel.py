@@ -448,14 +448,14 @@ def test_bench_script_smoke(tmp_path, monkeypatch, capsys):
     store._MEMO.clear()
     monkeypatch.setattr(cal, "calibrate", lambda scale=1.0: HW)
 
-    real = run.compile_variant
+    real = run.build_variant
 
-    def fake(fn, v):
+    def fake(fn, inputs, v, threads):
         if v == "fusion":
             raise RuntimeError("backend not built yet")
-        return real(fn, v)
+        return real(fn, inputs, v, threads)
 
-    monkeypatch.setattr(run, "compile_variant", fake)
+    monkeypatch.setattr(run, "build_variant", fake)
     out = tmp_path / "r.json"
     assert run.main(["--only", "attn_softmax", "--variants", "eager,fusion", "--repeat", "2", "--warmup", "0",
                      "--json", str(out), "--markdown"]) == 0
@@ -463,5 +463,5 @@ def test_bench_script_smoke(tmp_path, monkeypatch, capsys):
     (case,) = doc["cases"]
     assert case["results"]["eager"]["median_s"] > 0 and case["min_bytes"] > 0
     assert case["results"]["fusion"]["error"].startswith("RuntimeError: backend not built yet")
-    assert "error: RuntimeError" in capsys.readouterr().out
+    assert "failed: RuntimeError" in capsys.readouterr().out
     store._MEMO.clear()

