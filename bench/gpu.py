@@ -40,7 +40,7 @@ if DRY:
 import torch
 import torch.nn.functional as F
 
-from fusion.workloads.micro import MICRO, dims
+from fusion.workloads.micro import MICRO, FunctionModule, dims
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -113,15 +113,6 @@ def micro_cases(dry: bool):
     return out
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *a):
-        return self.f(*a)
-
-
 def fusion_triton(fn, shapes, cache_dir=None):
     """fn captured on CPU fp32 (the scheduler's dtypes), lowered to Triton kernels; (callable, #kernels)."""
     from fusion.capture import normalize
@@ -129,7 +120,7 @@ def fusion_triton(fn, shapes, cache_dir=None):
     from fusion.config import Config
 
     cpu = tuple(torch.randn(s) for s in shapes)
-    gm = normalize(torch.export.export(_Fn(fn), cpu).run_decompositions().graph_module)
+    gm = normalize(torch.export.export(FunctionModule(fn), cpu).run_decompositions().graph_module)
     cfg = Config(cache_dir=cache_dir)
     try:
         from fusion import rewrite as rewrites

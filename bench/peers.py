@@ -23,6 +23,8 @@ import tempfile
 
 import torch
 
+from fusion.workloads.micro import FunctionModule
+
 #: the variants fusion brings (bench/run.py's default set) and the peers (`--peers`, bench/test_peers.py)
 OWN = ("eager", "inductor", "fusion")
 PEERS = ("inductor_freezing", "openvino", "onnxruntime")
@@ -136,17 +138,6 @@ def _openvino(fn, inputs, threads: int):
     return f, out
 
 
-class _AsModule(torch.nn.Module):
-    """A plain function as a module, for torch.onnx.export."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
 class OrtRunner:
     """fn exported to ONNX (a temporary file, kept while the session lives) and run by ONNX Runtime.
     Calling it takes the case's tensors and returns the first output as a tensor (zero-copy both ways)."""
@@ -154,7 +145,7 @@ class OrtRunner:
     def __init__(self, fn, inputs: tuple, threads: int):
         ort = _require("onnxruntime")
         _require("onnx")
-        model = fn if isinstance(fn, torch.nn.Module) else _AsModule(fn)
+        model = fn if isinstance(fn, torch.nn.Module) else FunctionModule(fn)
         self._dir = tempfile.TemporaryDirectory(prefix="bench-ort-")
         path = os.path.join(self._dir.name, "model.onnx")
         self.exporter = export_onnx(model, inputs, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -19,20 +18,6 @@ import warnings
 MODEL_HELP = ("built-in workload (bert, gpt2, llama) or package.module:factory, where factory() returns "
               "(model, example_inputs) or a model (see --input-shape)")
 EPILOG = __doc__.split("\n\n", 1)[1]
-
-
-def _median_time(fn, args, n: int = 10) -> float:
-    import torch
-
-    with torch.no_grad():
-        for _ in range(2):
-            fn(*args)
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn(*args)
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _parser(cmd: str, description: str, model: bool = True) -> argparse.ArgumentParser:
@@ -137,6 +122,7 @@ def _bench_rows(name: str, model, args, variants: list[str], explain: bool = Fal
     import torch
 
     import fusion
+    from fusion.analysis.comparison import median_time
 
     with torch.no_grad():
         ref = model(*args)
@@ -152,7 +138,7 @@ def _bench_rows(name: str, model, args, variants: list[str], explain: bool = Fal
             err = f"{((out - ref).abs().max() / ref.abs().max()).item():.1e}"
             if explain:
                 print(f.explain())
-        t[v] = _median_time(f, args)
+        t[v] = median_time(f, args, 10, warmup=2)
     cols = [f"{name[:12]:<12}"]
     cols += [f"{t[v] * 1e3:>7.2f}ms" if v in t else f"{'-':>9}" for v in ("eager", "inductor", "fusion")]
     fus = t.get("fusion")

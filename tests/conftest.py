@@ -12,16 +12,7 @@ import torch
 os.environ.setdefault("FUSION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fusion-test-cache-{os.getuid()}"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-
-class Fn(torch.nn.Module):
-    """A plain function as a module, for torch.export."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *args):
-        return self.f(*args)
+from fusion.workloads.micro import FunctionModule as Fn  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 def aten_graph(f, args, dynamic_shapes=None):

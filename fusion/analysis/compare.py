@@ -8,7 +8,7 @@ import torch
 
 from fusion import progress
 from fusion.analysis.analyze import analyze, build, program_inputs
-from fusion.analysis.comparison import Comparison, _median_time
+from fusion.analysis.comparison import Comparison, median_time
 from fusion.config import Config
 
 if TYPE_CHECKING:  # annotations only: compare imports fusion.api when it is called
@@ -31,6 +31,6 @@ def compare(model: torch.nn.Module, example_inputs: ExampleInputs | None = None,
     e2e = {}
     if measure:
         progress.stage("measure: both programs end to end")
-        e2e = {"before": _median_time(g.source_gm, args, end_to_end_repeat),
-               "after": _median_time(g.gm, args, end_to_end_repeat)}
+        e2e = {"before": median_time(g.source_gm, args, end_to_end_repeat),
+               "after": median_time(g.gm, args, end_to_end_repeat)}
     return Comparison(before, after, e2e)

@@ -22,9 +22,11 @@ from fusion.analysis.explain import fmt_bytes, fmt_time
 from fusion.analysis.plots import roofline_plot
 
 
-def _median_time(fn: Any, args: Sequence[Any], repeat: int) -> float:
+def median_time(fn: Any, args: Sequence[Any], repeat: int, warmup: int = 1) -> float:
+    """Median seconds of `repeat` calls of fn(*args) under no_grad, after `warmup` calls."""
     with torch.no_grad():
-        fn(*args)
+        for _ in range(warmup):
+            fn(*args)
         ts = []
         for _ in range(repeat):
             t0 = time.perf_counter()

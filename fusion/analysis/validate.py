@@ -37,7 +37,7 @@ import torch
 
 from fusion.costmodel.hardware import HardwareProfile
 from fusion.costmodel.program_cost import graph_program_time
-from fusion.workloads.micro import MICRO, dims
+from fusion.workloads.micro import MICRO, FunctionModule, dims
 
 WAYS = ("eager", "aten", "lowered")
 
@@ -92,21 +92,12 @@ FAMILIES = {"softmax": "softmax", "rmsnorm": "rmsnorm", "layernorm": "layernorm_
             "gelu_bias_res": "gelu_bias_res", "swiglu": "swiglu", "masked_softmax": "attn_softmax"}
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
-
-
 def _micro(family: str, shape: tuple, seed: int = 0):
     """(name, family, make) of the shared micro case behind `family` at main shape `shape`."""
     case = MICRO[FAMILIES[family]]
 
     def make():
-        return _Fn(case.fn), case.inputs(shape, torch.Generator().manual_seed(seed))
+        return FunctionModule(case.fn), case.inputs(shape, torch.Generator().manual_seed(seed))
     return f"{family} {dims(shape)}", family, make
 
 

@@ -19,6 +19,17 @@ import torch
 import torch.nn.functional as F
 
 
+class FunctionModule(torch.nn.Module):
+    """A plain function as a module (torch.export, torch.onnx.export and fusion.optimize take modules)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 # ---------------------------------------------------------------------------------------------- programs
 def softmax_hand(x):
     m = x.amax(-1, keepdim=True)
