@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fusion.store import structural
-from fusion.capture import Captured, capture_module, check_inputs
+from fusion.capture import Captured, capture_module, check_inputs, shapes
 from fusion.config import Config
 from fusion.errors import FusionInputError, warn_fallback
 from fusion.pipeline import CompiledGraph, compile_graph
@@ -32,6 +32,8 @@ ExampleInputs = Union[torch.Tensor, tuple[Any, ...], list[Any]]
 Accessor = Callable[[], torch.Tensor]
 #: What a torch.export graph is specialised to (`_signature`): one entry per input leaf.
 Signature = tuple[tuple[Any, ...], ...]
+#: One compiled form of the model: its capture, how each placeholder is read, the compiled graph.
+Variant = tuple[Captured, list["Accessor | None"], CompiledGraph]
 
 
 class OptimizedModule(torch.nn.Module):
@@ -46,6 +48,7 @@ class OptimizedModule(torch.nn.Module):
     """
 
     MAX_SHAPE_VARIANTS = 8
+    MAX_SYMBOLIC_CAPTURES = 2
 
     def __init__(self, model: torch.nn.Module, config: Config, example_inputs: Sequence[Any]) -> None:
         super().__init__()
@@ -61,7 +64,11 @@ class OptimizedModule(torch.nn.Module):
         self._dynamo: Callable[..., Any] | None = None
         # torch.export specialises the graph to the example shapes; other shapes get their own capture
         # (kernels take sizes at run time, so recompiling them is a cache hit), at most MAX_SHAPE_VARIANTS.
-        self._variants: dict[Signature, tuple[Captured, list[Accessor | None], CompiledGraph]] = {}
+        self._variants: dict[Signature, Variant] = {}
+        # after a second shape that differs only in sizes, one capture with those dims symbolic serves all
+        # sizes it matches (fusion/capture/shapes.py), like Dynamo's automatic dynamic shapes
+        self._symbolic: list[tuple[shapes.ShapePattern, Variant]] = []
+        self._symbolic_tries = 0
 
     # -- construction ----------------------------------------------------------------------------
     def _from_structural_cache(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bool, str | None]:
@@ -85,9 +92,51 @@ class OptimizedModule(torch.nn.Module):
         self._add_variant(hit.captured, hit.graph, args, kwargs)
         return True, None
 
+    def _new_variant(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Variant:
+        """The program for inputs no variant takes yet: from the structural cache, else one symbolic capture
+        when only sizes changed since the example inputs, else a capture specialised to these shapes."""
+        hit, key = self._from_structural_cache(args, kwargs)
+        if not hit:
+            if self._use_symbolic_export(args, kwargs):
+                return self._symbolic[-1][1]
+            self._use_export(capture_module(self.original, args), args, kwargs, key)
+        return self._variants[_signature(args, kwargs)]
+
+    def _symbolic_variant(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Variant | None:
+        now = shapes.leaves(args, kwargs)
+        return next((variant for pattern, variant in reversed(self._symbolic) if pattern.matches(now)), None)
+
+    def _use_symbolic_export(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """Capture with the dims that differ from the example inputs (and those earlier symbolic captures
+        kept symbolic) marked dynamic; False when sizes are not all that changed or export specialised
+        them all (then the caller captures these shapes statically)."""
+        if kwargs or self._symbolic_tries >= self.MAX_SYMBOLIC_CAPTURES:
+            return False
+        dims = shapes.differing_dims(shapes.leaves(self.example_inputs, {}), shapes.leaves(args, {}))
+        if dims is None:
+            return False
+        for pattern, _ in self._symbolic:
+            for ds, sizes in zip(dims, pattern.sizes):
+                ds.update(d for d, s in enumerate(sizes or ()) if not isinstance(s, int))
+        self._symbolic_tries += 1
+        try:
+            captured = capture_module(self.original, args, shapes.dynamic_shapes_spec(self.original, args, dims))
+            assert captured.program is not None
+            users = [n.meta.get("val") for n, (kind, _) in zip(_placeholders(captured), captured.input_bindings)
+                     if kind == "user"]
+            pattern = shapes.ShapePattern.of(users, shapes.leaves(args, {}), captured.program.range_constraints)
+        except Exception as e:  # noqa: BLE001 - a static capture of these shapes is always correct
+            structural.log.debug("symbolic capture skipped: %s: %s", type(e).__name__, e)
+            return False
+        if not (pattern.symbolic and pattern.matches(shapes.leaves(args, {}))):
+            return False
+        self._use_export(captured, args, kwargs, None, pattern=pattern)
+        return True
+
     def _use_export(self, captured: Captured, args: Sequence[Any], kwargs: dict[str, Any],
-                    key: str | None = None) -> None:
-        """Compile a fresh torch.export capture, store it in the structural cache under `key`, add the variant."""
+                    key: str | None = None, pattern: shapes.ShapePattern | None = None) -> None:
+        """Compile a fresh torch.export capture, store it in the structural cache under `key`, add the variant
+        (for the inputs' exact shapes, or for every input `pattern` matches)."""
         self.capture_method = "torch.export"
         assert captured.gm is not None  # a fresh capture always has its graph (only cached ones lack it)
         weights = flat = None
@@ -100,7 +149,12 @@ class OptimizedModule(torch.nn.Module):
         graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat,
                               stackable=params)
         structural.store(key, captured, graph, self.config)
-        self._add_variant(captured, graph, args, kwargs)
+        if pattern is None:
+            self._add_variant(captured, graph, args, kwargs)
+            return
+        accessors = [self._accessor(captured, k, n) for k, n in captured.input_bindings]
+        self._stack_weights(graph, accessors)
+        self._symbolic.append((pattern, (captured, accessors, graph)))
 
     def _add_variant(self, captured: Captured, graph: CompiledGraph, args: Sequence[Any],
                      kwargs: dict[str, Any]) -> None:
@@ -173,17 +227,14 @@ class OptimizedModule(torch.nn.Module):
                 return self._dynamo(*args, **kwargs)
         if self.captured is None:  # nothing could be captured: the original model runs
             return self.original(*args, **kwargs)
-        variant = self._variants.get(_signature(args, kwargs))
+        variant = self._variants.get(_signature(args, kwargs)) or self._symbolic_variant(args, kwargs)
         if variant is None:
             try:
-                hit, key = self._from_structural_cache(args, kwargs)
-                if not hit:
-                    self._use_export(capture_module(self.original, args), args, kwargs, key)
+                variant = self._new_variant(args, kwargs)
             except Exception as e:  # noqa: BLE001
                 warn_fallback("capture", f"new input shapes: {type(e).__name__}: {e}".splitlines()[0][:300],
                               what_runs="the original module runs for these inputs")
                 return self.original(*args, **kwargs)
-            variant = self._variants[_signature(args, kwargs)]
         cap, accessors, graph = variant
         flat = _flat_args(accessors, args, kwargs)
         with torch.no_grad():

@@ -327,8 +327,31 @@ def test_changing_sequence_lengths_through_optimize(tmp_path):
             counts.append(_kernel_files(tmp_path))
         x = torch.randn(2, 5, 32, dtype=torch.float64)  # another dtype: still eager's answer
         close(opt(x), _seq_model(x))
-    # every new shape may be captured again, but the kernels it needs are the same sources: no new builds
-    assert counts[-1] <= max(counts[0], 1) * 2, f"kernel libraries per shape: {counts}"
+        x = torch.randn(3, 7, 32)  # the batch changes too: one more symbolic capture, both dims symbolic
+        close(opt(x), _seq_model(x))
+    # automatic dynamic shapes: the example shape is static, the second shape is captured once with the
+    # sequence dim symbolic, and every later length runs that graph: no capture, no new kernel build
+    assert counts[-1] == counts[1], f"kernel libraries per shape: {counts}"
+    assert len(opt._variants) == 2 and len(opt._symbolic) == 2, (list(opt._variants), opt._symbolic)
+    assert [str(s) for s in opt._symbolic[-1][0].sizes[0][:2]] != ["3", "7"]  # batch and sequence symbolic
+
+
+def test_shape_pattern_checks_ranges_and_relations():
+    from fusion.capture import capture_module, shapes
+
+    m = Wrap(lambda x, y: (x + y) @ y.transpose(-1, -2))  # x + y: export finds the two lengths equal
+    args = (torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    cap = capture_module(m, args, shapes.dynamic_shapes_spec(m, args, [{1}, {1}]))
+    users = [n.meta["val"] for n, (k, _) in zip([n for n in cap.gm.graph.nodes if n.op == "placeholder"],
+                                                 cap.input_bindings) if k == "user"]
+    pattern = shapes.ShapePattern.of(users, args, cap.program.range_constraints)
+    assert pattern.symbolic
+    assert pattern.matches([torch.randn(2, 9, 8), torch.randn(2, 9, 8)])
+    assert not pattern.matches([torch.randn(2, 9, 8), torch.randn(2, 4, 8)])  # one symbol: lengths must agree
+    assert not pattern.matches([torch.randn(3, 9, 8), torch.randn(3, 9, 8)])  # batch was kept static
+    assert not pattern.matches([torch.randn(2, 1, 8), torch.randn(2, 1, 8)])  # export's range starts at 2
+    assert not pattern.matches([torch.randn(2, 9, 8).double(), torch.randn(2, 9, 8).double()])
+    assert shapes.differing_dims(args, [torch.randn(2, 5, 8), torch.randn(2, 5, 8).double()]) is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,9 +79,10 @@ def _decompositions() -> Any:
     return table
 
 
-def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Captured:
-    """torch.export the model (non-strict), decompose to core ATen, and lift weights to named placeholders."""
-    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any = None) -> Captured:
+    """torch.export the model (non-strict), decompose to core ATen, and lift weights to named placeholders.
+    `dynamic_shapes` (torch.export's argument; fusion.capture.shapes builds it) marks sizes to keep symbolic."""
+    ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     ep = ep.run_decompositions(_decompositions())
     gm = ep.graph_module
     kinds = {
