@@ -254,6 +254,18 @@ class OptimizedModule(torch.nn.Module):
         return "\n".join(g.code for g in self.graphs)
 
     @property
+    def shape_variants(self) -> list[str]:
+        """The inputs each compiled capture takes, one line each: `static [(2, 8, 32)]` for a capture
+        specialised to those shapes, `symbolic [(2, s0, 32)]` for one made after the sizes changed."""
+        def show(sizes: Any) -> str:
+            return "(" + ", ".join(str(s) for s in sizes) + ")" if sizes is not None else "-"
+
+        out = ["static [" + ", ".join(show(sig[0]) if isinstance(sig[0], tuple) else sig[1] for sig in signature) + "]"
+               for signature in self._variants]
+        out += ["symbolic [" + ", ".join(show(sz) for sz in pattern.sizes) + "]" for pattern, _ in self._symbolic]
+        return out
+
+    @property
     def graph_module(self) -> fx.GraphModule | None:
         """The lowered GraphModule of the first compiled graph; None when nothing was captured."""
         return self.graphs[0].gm if self.graphs else None
@@ -262,6 +274,8 @@ class OptimizedModule(torch.nn.Module):
         """What the optimizer did: capture, passes and their time, rules fired where, kernels made, fallbacks."""
         name = type(self.original).__name__
         head = f"capture: {self.capture_method} ({self.capture_seconds:.2f} s){self.capture_note}\n"
+        if len(self.shape_variants) > 1:
+            head += "captures by input shape: " + "; ".join(self.shape_variants) + "\n"
         if not self.graphs:
             return head + "fusion: nothing was captured, so the original module runs unchanged.\n"
         return head + "\n".join(explain_text(name, g) for g in self.graphs)

@@ -50,6 +50,11 @@ def same_dim(a: Any, b: Any) -> bool:
     return _key(a) == _key(b)
 
 
+def shape_key(shape: Any) -> tuple:
+    """A hashable, comparable form of a shape whose sizes may be symbolic (a SymInt is not hashable)."""
+    return tuple(_key(d) for d in shape)
+
+
 def same_shape(a, b) -> bool:
     return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
 

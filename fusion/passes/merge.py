@@ -44,6 +44,7 @@ import torch
 from torch import fx
 
 from fusion.dialect.graph_walk import reaches
+from fusion.dialect.values import hint, same_dim, shape_key
 
 aten = torch.ops.aten
 RULE = "shared_matmul"
@@ -88,7 +89,7 @@ def _input_key(x: fx.Node) -> tuple:
         base = base.args[0]
     if base is x:
         return (x,)
-    return (base, tuple(_val(x).shape))
+    return (base, shape_key(_val(x).shape))
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _product(node: fx.Node, stackable: frozenset[str]) -> _Product | None:
             and _fp32_cpu(_val(w), 2)):
         return None
     n, k = _val(w).shape
-    if not (isinstance(n, int) and isinstance(k, int) and k > 0 and n > 0) or _val(x).shape[1] != k:
+    if not (isinstance(n, int) and isinstance(k, int) and k > 0 and n > 0) or not same_dim(_val(x).shape[1], k):
         return None
     if bias is not None:
         bv = _val(bias)
@@ -154,7 +155,7 @@ def predict(group: list[_Product], hw: Any, tuner: Any = None) -> dict:
     measured at its shape where `tuner` (fusion.passes.gemm.GemmTuner) has a measurement, else predicted."""
     from fusion.passes.gemm import product_seconds
 
-    m, k = (int(s) for s in _val(group[0].x).shape)
+    m, k = (hint(s) for s in _val(group[0].x).shape)
     bias = group[0].bias is not None
     view = getattr(hw, "view_overhead", 0.0)
     separate = 0.0
