@@ -86,14 +86,14 @@ def _model(name, desc, build, batch, seq, use_cache_arg=True):
 def _bert():
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(num_hidden_layers=4, attn_implementation="eager"), add_pooling_layer=False)
+    return BertModel(BertConfig(num_hidden_layers=4), add_pooling_layer=False)
 
 
 def _gpt2(layers, positions=1024):
     def build():
         from transformers import GPT2Config, GPT2Model
 
-        return GPT2Model(GPT2Config(n_layer=layers, n_positions=positions, attn_implementation="eager"))
+        return GPT2Model(GPT2Config(n_layer=layers, n_positions=positions))
 
     return build
 
@@ -104,7 +104,7 @@ def _llama():
     # LLaMA-7B's 4096 hidden / 11008 MLP is too big for 2 cores; same architecture at BERT-base width.
     return LlamaModel(LlamaConfig(num_hidden_layers=4, hidden_size=768, intermediate_size=2048,
                                   num_attention_heads=12, num_key_value_heads=12, vocab_size=32000,
-                                  max_position_embeddings=2048, attn_implementation="eager"))
+                                  max_position_embeddings=2048))
 
 
 class Pooled(torch.nn.Module):
@@ -126,6 +126,12 @@ def _resnet():
                                     layer_type="basic"))
 
 
+def _vit():
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(num_hidden_layers=4))     # ViT-base width, patch 16, 224x224
+
+
 def _vision(name, desc, build, batch, size):
     def make():
         torch.manual_seed(0)
@@ -140,13 +146,16 @@ def _vision(name, desc, build, batch, size):
     return Case(name, "model", desc, make)
 
 
+# HF's default config (its default attention implementation, SDPA; its default use_cache), as users run them
 MODELS = [
-    _model("bert", "BertModel 4 layers (base width), eager attention, batch 4 seq 128", _bert, 4, 128, False),
-    _model("gpt2", "GPT2Model 4 layers (base width), eager attention, batch 4 seq 128", _gpt2(4), 4, 128),
-    _model("llama", "LlamaModel 4 layers, hidden 768, MLP 2048, 12 heads, eager attention, batch 4 seq 128",
-           _llama, 4, 128),
+    _model("bert", "BertModel 4 layers (base width), HF defaults, batch 4 seq 128", _bert, 4, 128, False),
+    _model("gpt2", "GPT2Model 4 layers (base width), HF defaults, batch 4 seq 128", _gpt2(4), 4, 128, False),
+    _model("llama", "LlamaModel 4 layers, hidden 768, MLP 2048, 12 heads, HF defaults, batch 4 seq 128",
+           _llama, 4, 128, False),
+    _vision("vit", "ViTModel 4 layers (base width, patch 16), HF defaults, batch 8, 3x224x224", _vit, 8, 224),
     _vision("resnet18", "ResNetModel, ResNet-18 layout (HF config, basic blocks), batch 8, 3x112x112", _resnet, 8, 112),
-    _model("gpt2_long", "GPT2Model 2 layers (n_positions 2048), eager attention, batch 1 seq 2048", _gpt2(2, 2048), 1, 2048),
+    _model("gpt2_long", "GPT2Model 2 layers (n_positions 2048), HF defaults, batch 1 seq 2048", _gpt2(2, 2048), 1,
+           2048, False),
 ]
 
 ALL = {c.name: c for c in MICRO + MODELS}

@@ -21,8 +21,9 @@ from fusion.store import structural
 from fusion.capture import Captured, capture_module, check_inputs, shapes
 from fusion.config import Config
 from fusion.errors import FusionInputError, warn_fallback
-from fusion.pipeline import CompiledGraph, compile_graph
+from fusion.pipeline import CompiledGraph, compile_graph, hardware
 from fusion.analysis.explain import explain_text, format_table, kernel_table
+from fusion.analysis.timing import format_split
 
 #: What optimize/analyze/compare take as example inputs: the positional arguments of model.forward as a
 #: tuple or list, or one tensor (fusion.capture.check_inputs makes it a tuple).
@@ -302,7 +303,24 @@ class OptimizedModule(torch.nn.Module):
             rows += kernel_table(g, inputs)
         if print_table:
             print(format_table(rows))
+            if measure and self.captured is not None:
+                print("\nwhere the time goes (fusion.analysis.timing):\n" + format_split(self.time_split()))
         return rows
+
+    def time_split(self, example_inputs: ExampleInputs | None = None) -> dict[str, Any]:
+        """The first graph's measured time on `example_inputs` (default: the example inputs) as GEMM,
+        attention, fused-kernel and other seconds, and its fraction of the GEMM roofline
+        (fusion.analysis.timing.time_split). Export captures only (Dynamo graphs' inputs are not known here)."""
+        from fusion.analysis.timing import graph_stats, time_split
+
+        if self.captured is None or not self.graphs:
+            raise FusionInputError(f"time_split needs a program captured whole by torch.export; this model was "
+                                   f"captured by {self.capture_method!r}")
+        inputs = self.example_inputs if example_inputs is None else check_inputs(self.original, example_inputs)
+        g = self.graphs[0]
+        hw = hardware(g.config)
+        stats, _ = graph_stats(g.gm, self.flat_args(*inputs), hw, {k.name: k for k in g.log.kernels}, g.program_gm)
+        return time_split(g.gm, stats, hw, g.config.cache_dir)
 
 
 def _as_config(config: Config | dict[str, Any] | None, options: dict[str, Any]) -> Config:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fusion.store.program", "fusion.store.structural", "fusion.store.dynamo_cache",
      "fusion.store.repro", "fusion.store.artifact", "fusion.store.weights"),   # programs saved, loaded, cached
     ("fusion.analysis.explain", "fusion.analysis.memory", "fusion.analysis.comparison",
-     "fusion.analysis.plots"),                                             # explain / report / plot a program
+     "fusion.analysis.plots", "fusion.analysis.timing"),                                             # explain / report / plot a program
     ("fusion.pipeline",),                                                  # the driver: the passes in order
     ("fusion.approx",),                                                    # opt-in approximate rewrites
     ("fusion.passes",),                                                    # graph passes around lowering

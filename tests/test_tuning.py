@@ -179,3 +179,53 @@ def test_tune_off_and_bad_budgets():
     assert fusion.Config(tune_budget_s=1.0).key() == fusion.Config().key()   # the budget never changes a program
     with pytest.raises(fusion.ConfigError, match="tune_budget_s"):
         fusion.Config(tune_budget_s=-1)
+
+
+class MLPAttention(nn.Module):
+    """Linears, a fused norm and SDPA: every bucket of time_split has something in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+        self.norm = nn.LayerNorm(128)
+
+    def forward(self, x):
+        h = self.norm(self.mlp(x))                       # [4, 16, 128]
+        q = h.view(4, 16, 2, 64).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(4, 16, 128)
+
+
+def test_time_split_names_where_the_time_goes(tmp_path):
+    import fusion
+
+    torch.manual_seed(0)
+    model, x = MLPAttention().eval(), torch.randn(4, 16, 256)
+    opt = fusion.optimize(model, (x,), config=fusion.Config(cache_dir=str(tmp_path), structural_cache=False))
+    split = opt.time_split()
+    parts = [split[k] for k in ("gemm_s", "attention_s", "fused_s", "other_s")]
+    assert all(p > 0 for p in parts[:3]) and parts[3] >= 0, split
+    assert split["total_s"] == pytest.approx(sum(parts))
+    flops = 2 * 64 * (256 * 512 + 512 * 256 + 256 * 128) + 2 * 2 * (4 * 2 * 16 * 16 * 64)  # linears + attention
+    assert split["gemm_flops"] == pytest.approx(flops, rel=0.05)
+    assert 0 < split["gemm_roofline_fraction"] <= split["gemm_s"] / split["total_s"] * 1.5 + 0.05
+
+
+def test_gemm_roofline_uses_the_rate_measured_at_the_shape(tmp_path):
+    """A tuning record that says this CPU runs the model's products 100x faster than its profile's rate
+    moves the roofline (the rate at the node's own shape counts, not only the profile's square product)."""
+    import fusion
+    from fusion.analysis.timing import graph_stats, time_split
+    from fusion.pipeline import hardware
+
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 16, 256)
+    opt = fusion.optimize(model, (x,), config=fusion.Config(cache_dir=str(tmp_path), structural_cache=False))
+    g = opt.graphs[0]
+    stats, _ = graph_stats(g.gm, opt.flat_args(x), hardware(g.config), {k.name: k for k in g.log.kernels})
+    before = time_split(g.gm, stats, hardware(g.config), str(tmp_path))
+    for m, k, n, _, layout in PRODUCTS:
+        for bias in (True, False):
+            tuning.record("linear", GemmTuner.key(m, k, n, bias, layout),
+                          {"aten": 2 * m * k * n / 1e14, "onednn": 2 * m * k * n / 1e14}, str(tmp_path), how="test")
+    after = time_split(g.gm, stats, hardware(g.config), str(tmp_path))
+    assert after["gemm_roofline_s"] < 0.5 * before["gemm_roofline_s"], (before, after)

@@ -17,7 +17,6 @@ Definitions (the same as the cost model's, fusion/costmodel/roofline.py and fusi
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -31,40 +30,12 @@ from fusion.capture import capture_module, check_inputs
 from fusion.config import Config
 from fusion.analysis.comparison import Comparison
 from fusion.analysis.plots import roofline_plot
+from fusion.analysis.timing import NodeStats, graph_stats
 from fusion.errors import FusionInputError
 
 if TYPE_CHECKING:  # annotations only: analyze imports fusion.api when it is called
     from fusion.api import ExampleInputs, OptimizedModule
     from fusion.costmodel.hardware import HardwareProfile
-
-_FREE = {"placeholder", "output", "get_attr"}
-
-
-@dataclass
-class NodeStats:
-    name: str
-    op: str
-    flops: float            # FLOPs (a multiply-add = 2), matmul FLOPs included
-    bytes_read: float
-    bytes_written: float
-    transcendentals: float
-    predicted_s: float
-    measured_s: float | None = None
-    kind: str = "aten"      # "aten" (an ATen call) | "kernel" (a generated fused kernel) | "view"
-    gemm_flops: float = 0.0  # the part of `flops` done by matrix multiplies
-
-    @property
-    def macs(self) -> float:
-        return self.flops / 2
-
-    @property
-    def bytes(self) -> float:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else float("inf")
-
 
 @dataclass
 class Analysis:
@@ -203,66 +174,6 @@ class Analysis:
     def roofline_plot(self, path: str, title: str = "roofline") -> str:
         """Each call as a point (arithmetic intensity, achieved or predicted FLOP/s) under the machine's roofs."""
         return roofline_plot(path, self.hw, [(self.label, self.calls, "o")], title)
-
-
-def _measure(gm: fx.GraphModule, args: Sequence[Any], repeat: int = 3, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each node run alone (after its first run) as the graph runs node by node, after
-    `warmup` calls of the whole graph (first calls pay one-time costs: allocator, thread pool, caches)."""
-    times: dict[str, float] = {}
-    with torch.no_grad():
-        for _ in range(warmup):
-            gm(*args)
-
-    class Timer(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n.op in _FREE:
-                return out
-            samples = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                super().run_node(n)
-                samples.append(time.perf_counter() - t0)
-            times[n.name] = sorted(samples)[len(samples) // 2]
-            return out
-
-    with torch.no_grad():
-        Timer(gm).run(*args)
-    return times
-
-
-def graph_stats(gm: fx.GraphModule, args: Sequence[Any] | None, hw: Any, kernels: dict | None = None,
-                program_gm: fx.GraphModule | None = None, repeat: int = 3) -> tuple[list[NodeStats], dict]:
-    """NodeStats of every call of `gm` (ATen calls, views, generated kernels described by `kernels`:
-    name -> lower.KernelInfo) and the totals; measured when `args` (the flat graph inputs) are given."""
-    from fusion.costmodel.program_cost import program_cost
-
-    measured = _measure(gm, args, repeat) if args is not None else {}
-    by_name = {n.name: n for n in gm.graph.nodes}
-    stats = []
-    for name, c in program_cost(gm, kernels, program_gm):
-        n = by_name[name]
-        if n.op == "call_module":
-            kind, op = "kernel", f"fused[{len(kernels[n.target].nodes)}]"
-        else:
-            kind = "view" if c.view_calls and not c.calls else "aten"
-            op = getattr(n.target, "__name__", str(n.target))
-        stats.append(NodeStats(name, op, c.flops + c.gemm_flops, c.bytes_read, c.bytes_written, c.transcendentals,
-                               c.time(hw), measured.get(name), kind, c.gemm_flops))
-    calls = [s for s in stats if s.kind != "view"]
-    totals = {
-        "flops": sum(s.flops for s in stats),
-        "gemm_flops": sum(s.gemm_flops for s in stats),
-        "bytes": sum(s.bytes for s in stats),
-        "transcendentals": sum(s.transcendentals for s in stats),
-        "kernels": len(calls),
-        "fused_kernels": sum(1 for s in calls if s.kind == "kernel"),
-        "aten_calls": sum(1 for s in calls if s.kind == "aten"),
-        "view_calls": len(stats) - len(calls),
-        "predicted_s": getattr(hw, "graph_call_overhead", 0.0) + sum(s.predicted_s for s in stats),
-        "measured_s": sum(s.measured_s for s in stats if s.measured_s) if measured else None,
-    }
-    return stats, totals
 
 
 def _user_shape(inputs: Any) -> tuple[int, int | None]:
