@@ -56,6 +56,7 @@ class CompileLog:
     backend: str = ""                                    # the backend that built the kernels (fusion.backends)
     onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
     gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)
+    attention_forms: dict = field(default_factory=dict)  # {"sdpa": n, "decomposed": m} (fusion/passes/attention.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name)
@@ -255,6 +256,15 @@ def gemm_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     return PassResult(gm, info)
 
 
+def attention_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    from fusion.passes.attention import AttentionTuner, choose_attention
+
+    gemm = ctx.gemm_tuner()                       # one measuring budget for the graph's library choices
+    tuner = AttentionTuner(ctx.config.cache_dir, gemm.budget) if gemm is not None else None
+    gm, counts = choose_attention(gm, tuner)      # each call on the form measured faster at its shape
+    return PassResult(gm, {"attention_forms": counts} if any(counts.values()) else {})
+
+
 def _approximating(ctx: Context) -> bool:
     return bool(ctx.config.approximate) and ctx.weights is not None and ctx.example_args is not None
 
@@ -298,6 +308,7 @@ PASSES: list[tuple[str, Pass, Callable[[Context], bool], Callable[[Context, fx.G
     ("lower", lower_pass, _lowering, _unlowered),
     ("build", build_pass, _planned, _unlowered),
     ("gemm", gemm_pass, lambda ctx: True, _same),
+    ("attention", attention_pass, lambda ctx: True, _same),
 ]
 
 #: the passes whose graph is the program as rewritten (before lowering): the run-time fallback
@@ -308,7 +319,8 @@ def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward",
                   weights: dict | None = None, example_args: list | None = None,
                   stackable: frozenset[str] | None = None, hold_weights: bool = False) -> CompiledGraph:
     """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels:
-    the passes of `PASSES` in order — normalize, rewrite, approximate, merge, prepare, lower, build, gemm.
+    the passes of `PASSES` in order — normalize, rewrite, approximate, merge, prepare, lower, build, gemm,
+    attention.
 
     `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
     needed only by the approximate stage, which measures accuracy and converts weights in place (or, with

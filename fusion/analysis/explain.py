@@ -126,6 +126,11 @@ def explain_log(model_name: str, log: CompileLog, config: Any, code: str, n_aten
                "by the profile's GEMM rates (Config(tune=False))")
         lines += ["", f"GEMM library: {log.onednn_gemms} fp32 matrix products run on oneDNN (mkldnn._linear_pointwise), "
                       f"the rest on ATen's MKL mm: {how} (fusion/passes/gemm.py)"]
+    forms = getattr(log, "attention_forms", {}) or {}
+    if forms:
+        lines += ["", f"attention: {forms.get('sdpa', 0)} calls on SDPA, {forms.get('decomposed', 0)} as two batched "
+                      "GEMMs + softmax, each the form measured faster at its shape (SDPA without a measurement) "
+                      "(fusion/passes/attention.py)"]
     lines += ["", "fallbacks:"]
     lines += [f"  {f}" for f in log.fallbacks] or ["  (none)"]
     lines += ["", "program:", code.strip("\n")]

@@ -7,15 +7,18 @@ comes from AOTAutograd instead (see fusion/torch_compile.py); both go through `n
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from fusion.dialect import ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.dialect.graph_walk import LAYOUT_VARIES, STRIDE_VIEWS, layout_may_differ
 from fusion.errors import FusionInputError
 from fusion.capture.trailing import Builder, flatten_trailing, only_first_output_used, replace_first_output
 
@@ -133,7 +136,7 @@ def _noop_clone(node: fx.Node) -> bool:
             None, torch.contiguous_format):
         return False
     val = src.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not val.is_contiguous():
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or layout_may_differ(src):
         return False
     return all(u.op != "output" for u in node.users)
 
@@ -241,11 +244,50 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             _sdpa_to_attention(node)
         elif node.target in _BN_EVAL:
             _batch_norm_eval(g, node)
+    _copy_where_layout_varies(g)
     flatten_trailing(gm)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm
+
+
+def _copy_where_layout_varies(g: fx.Graph) -> None:
+    """Views of an attention output (`fusion.attention`, SDPA) are valid for the strides its fake value has;
+    at run time SDPA's output follows q's memory order, and the program's fused kernels write q contiguous:
+    traced on HF's transposed q the output is [B, S, H, D] in memory, export drops the model's
+    `.transpose(1, 2).contiguous()`, and at run time the contiguous [B, H, S, D] result cannot be viewed. Each view chain is replayed on meta tensors of both
+    layouts, and where a view is invalid for either, a contiguous copy goes before it — as the model's own
+    `.contiguous()` did."""
+    for node in list(g.nodes):
+        if node.op != "call_function" or not (node.target in LAYOUT_VARIES):
+            continue
+        out = node
+        if isinstance(node.meta.get("val"), (tuple, list)):   # the flash op's (out, logsumexp, ...): its output
+            out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
+            if out is None:
+                continue
+        val = out.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+            continue
+        layouts = [torch.empty(val.shape, device="meta"), torch.empty_strided(val.shape, val.stride(), device="meta")]
+        stack = [(u, layouts) for u in out.users]
+        while stack:
+            user, ins = stack.pop()
+            if user.op != "call_function" or user.target not in STRIDE_VIEWS or user.args[0] is not user.args[0]:
+                continue
+            rest = user.args[1:]
+            if any(isinstance(a, fx.Node) for a in pytree.tree_leaves((rest, user.kwargs))):
+                continue                      # symbolic view arguments: nothing to replay
+            try:
+                outs = [user.target(t, *rest, **user.kwargs) for t in ins]
+            except (RuntimeError, ValueError):   # invalid for one of the layouts: copy first
+                with g.inserting_before(user):
+                    copy = g.call_function(aten.clone.default, (user.args[0],), {"memory_format": torch.contiguous_format})
+                copy.meta = dict(user.args[0].meta)
+                user.args = (copy, *rest)
+                continue
+            stack += [(u, outs) for u in user.users]
 
 
 def example_value(node: fx.Node) -> Any:

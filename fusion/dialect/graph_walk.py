@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import operator
+
 import torch
 from torch import fx
+
+import fusion.dialect.ops  # noqa: F401  (registers torch.ops.fusion.attention)
+
+aten = torch.ops.aten
 
 
 def on_cuda(gm: fx.GraphModule) -> bool:
@@ -29,3 +35,22 @@ def reaches(n: fx.Node, found: Callable[[fx.Node], bool], through: Callable[[fx.
             if through(w):
                 stack.append(w)
     return False
+
+
+#: ops whose output strides depend on their inputs' (SDPA's output follows q's memory order, and the
+#: program's kernels may write q in another order than the traced model did): the fake value's strides are one
+#: of them, so a clone of a view of their output is a real copy at run time
+LAYOUT_VARIES = frozenset({aten.scaled_dot_product_attention.default,
+                           aten._scaled_dot_product_flash_attention_for_cpu.default, torch.ops.fusion.attention.default})
+STRIDE_VIEWS = frozenset({aten.permute.default, aten.transpose.int, aten.view.default, aten._unsafe_view.default,
+                          aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+                          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.t.default})
+
+
+def layout_may_differ(src: fx.Node) -> bool:
+    """Whether `src` is (a view of) an output whose strides at run time may differ from its fake value's."""
+    while src.op == "call_function" and src.target in STRIDE_VIEWS and isinstance(src.args[0], fx.Node):
+        src = src.args[0]
+    if src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[0], fx.Node):
+        src = src.args[0]
+    return src.op == "call_function" and src.target in LAYOUT_VARIES

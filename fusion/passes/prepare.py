@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fusion.dialect.graph_walk import reaches
+from fusion.dialect.graph_walk import layout_may_differ, reaches
 from fusion.dialect.values import tval
 from fusion.lower import schedule as S
 
@@ -69,7 +69,7 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
             mf = n.kwargs.get("memory_format")
             if (xv is None or v is None or set(n.kwargs) - {"memory_format"}
                     or mf not in (None, torch.contiguous_format, torch.preserve_format)
-                    or not xv.is_contiguous() or xv.dtype != v.dtype or _from_input(x)
+                    or not xv.is_contiguous() or layout_may_differ(x) or xv.dtype != v.dtype or _from_input(x)
                     or _aliases_output_or_input(n)):
                 continue
             n.replace_all_uses_with(x)
