@@ -108,7 +108,7 @@ def graph_stats(gm: fx.GraphModule, args: Sequence[Any] | None, hw: Any, kernels
 
 
 
-ATTENTION_OPS = ("attention.", "scaled_dot_product", "_scaled_dot_product")
+ATTENTION_OPS = ("attention.", "scaled_dot_product", "_scaled_dot_product", "decomposed_attention")
 _LINEARS = {"mm.default": "mm", "addmm.default": "addmm", "_linear_pointwise.default": "linear"}
 
 

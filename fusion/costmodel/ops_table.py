@@ -97,7 +97,7 @@ _CONV = frozenset("convolution conv1d conv2d conv3d _convolution conv_transpose1
 _SDPA = frozenset("""scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
 _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
 _scaled_dot_product_cudnn_attention _scaled_dot_product_attention_math
-_scaled_dot_product_fused_attention_overrideable sdpa attention""".split())
+_scaled_dot_product_fused_attention_overrideable sdpa attention decomposed_attention""".split())
 
 
 def is_view_target(target) -> bool:

@@ -245,7 +245,9 @@ def _sdpa_cost(name, ins, outs, args, kwargs) -> Cost:
     Dv = vs[-1] if vs else D
     bh = numel(q) // max(L * D, 1)          # batch * heads
     scores = float(bh * L * S)
-    if name == "attention":                 # fusion.attention(q, k, v, mask, scale, causal)
+    if name == "decomposed_attention":      # fusion/passes/attention.py: every score computed, causal or not
+        causal = False
+    elif name == "attention":               # fusion.attention(q, k, v, mask, scale, causal)
         mask = _arg(args, kwargs, 3, "mask", None)
         # with an explicit mask the causal case runs SDPA on mask & tril: no block is skipped
         causal = bool(_arg(args, kwargs, 5, "causal", False)) and mask is None
