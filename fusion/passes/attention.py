@@ -150,18 +150,27 @@ def _site(node: fx.Node) -> tuple | None:
 
 
 def choose_attention(gm: fx.GraphModule, tuner: AttentionTuner | None) -> tuple[fx.GraphModule, dict[str, int]]:
-    """Each measured CPU attention call on its faster form; (gm, {"sdpa": n, "decomposed": m})."""
+    """Each measured CPU attention call on its faster form; (gm, {"sdpa": n, "decomposed": m}). A new module
+    when anything changes (the graph given may be the program as rewritten, which keeps fusion.attention)."""
     counts = {"sdpa": 0, "decomposed": 0}
+    decomposed = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.fusion.attention.default:
             continue
         site = _site(node) if tuner is not None else None
         times = tuner.times(*site) if site is not None else None
         if times and "decomposed" in times and times["decomposed"] < MEASURED_GAIN * times["sdpa"]:
-            node.target = decomposed_attention
+            decomposed.add(node.name)
             counts["decomposed"] += 1
         else:
             counts["sdpa"] += 1
-    if counts["decomposed"]:
-        gm.recompile()
-    return gm, counts
+    if not decomposed:
+        return gm, counts
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        if node.name in decomposed:
+            node.target = decomposed_attention
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(getattr(gm, "meta", {}))
+    return new, counts
