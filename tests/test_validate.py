@@ -42,15 +42,22 @@ def test_quick_statistics(quick):
 
 
 def test_fusion_predicted_faster_than_eager(quick):
-    """The model must rank the fully fused program at or below the eager one wherever the measurement shows
-    a clear win (fused below 0.8x eager), and within 15 % of eager elsewhere: at 256x1024 the data sits in
-    cache, fused and eager measure within a few per cent, and which one a fresh calibration predicts lower
-    is that calibration's noise (seen: fused predicted 6 % above eager, measured 4 % below)."""
+    """The model must rank the fused program against the eager one the way the measurement does wherever
+    the measurement is clear (one below 0.8x the other), and elsewhere predict the fused/eager ratio within
+    1.3x of the measured one: at 256x1024 the data sits in cache, fused and eager measure within a few per
+    cent of each other (seen both ways round on fresh calibrations: fused 4 % below and 8 % above eager), so
+    demanding a fixed winner there would test the calibration's noise, not the model."""
     by = {(r.program, r.way): r for r in quick.rows}
     for prog in {r.program for r in quick.rows}:
         fused, eager = by[(prog, "lowered")], by[(prog, "eager")]
-        clear = fused.measured_min_s < 0.8 * eager.measured_min_s
-        assert fused.predicted_s <= eager.predicted_s * (1.0 if clear else 1.15), (prog, fused, eager)
+        measured = fused.measured_min_s / eager.measured_min_s
+        predicted = fused.predicted_s / eager.predicted_s
+        if measured < 0.8:
+            assert predicted < 1.0, (prog, measured, predicted)
+        elif measured > 1.25:
+            assert predicted > 1.0, (prog, measured, predicted)
+        else:
+            assert abs(math.log(predicted / measured)) <= math.log(1.3), (prog, measured, predicted)
 
 
 def test_outputs(quick, tmp_path):
