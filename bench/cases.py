@@ -21,6 +21,7 @@ from fusion.workloads.micro import (  # noqa: F401
     random_inputs,
     rmsnorm_llama,
     softmax_hand,
+    softmax_values,
     swiglu,
 )
 
@@ -107,6 +108,26 @@ def _llama():
                                   max_position_embeddings=2048))
 
 
+def _gpt_neo():
+    from transformers import GPTNeoConfig, GPTNeoModel
+
+    # where-mask attention (causal, dtype-min fill) + additive padding mask, global and local layers
+    return GPTNeoModel(GPTNeoConfig(num_layers=4, attention_types=[[["global", "local"], 2]], hidden_size=768,
+                                    num_heads=12, vocab_size=32000, max_position_embeddings=2048))
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomModel
+
+    return BloomModel(BloomConfig(n_layer=4, hidden_size=768, n_head=12))   # alibi scores through baddbmm
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(num_layers=4))   # t5-small width; relative-position bias as the mask
+
+
 class Pooled(torch.nn.Module):
     """An HF vision model's pooled output for pixel values."""
 
@@ -152,6 +173,12 @@ MODELS = [
     _model("gpt2", "GPT2Model 4 layers (base width), HF defaults, batch 4 seq 128", _gpt2(4), 4, 128, False),
     _model("llama", "LlamaModel 4 layers, hidden 768, MLP 2048, 12 heads, HF defaults, batch 4 seq 128",
            _llama, 4, 128, False),
+    _model("gpt_neo", "GPTNeoModel 4 layers (global+local), hidden 768, 12 heads, HF defaults, batch 4 seq 128",
+           _gpt_neo, 4, 128, False),
+    _model("bloom", "BloomModel 4 layers, hidden 768, 12 heads (alibi), HF defaults, batch 4 seq 128", _bloom, 4,
+           128, False),
+    _model("t5_encoder", "T5EncoderModel 4 layers (t5-small width, relative bias), HF defaults, batch 4 seq 128",
+           _t5, 4, 128, False),
     _vision("vit", "ViTModel 4 layers (base width, patch 16), HF defaults, batch 8, 3x224x224", _vit, 8, 224),
     _vision("resnet18", "ResNetModel, ResNet-18 layout (HF config, basic blocks), batch 8, 3x112x112", _resnet, 8, 112),
     _model("gpt2_long", "GPT2Model 2 layers (n_positions 2048), HF defaults, batch 1 seq 2048", _gpt2(2, 2048), 1,

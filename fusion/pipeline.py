@@ -57,6 +57,7 @@ class CompileLog:
     onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
     gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)
     attention_forms: dict = field(default_factory=dict)  # {"sdpa": n, "decomposed": m} (fusion/passes/attention.py)
+    coverage: list = field(default_factory=list)         # softmax/norm/... sites, fused or not (analysis/coverage.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
         progress.stage(name)
@@ -200,7 +201,13 @@ def rewrite_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     if "relu_attention" in exact.approximate:  # keep softmax visible to the approximate rule
         exact = exact.replace(disable_rules=exact.disable_rules | {"attention"})
     result = _rewrite(gm, exact, ctx.hw)
-    return PassResult(result.gm, {"fired": result.fired, "rewrite_stats": result.stats})
+    try:  # which softmax / norm / activation / attention sites fused: a report, never a reason to fall back
+        from fusion.analysis.coverage import coverage_records
+
+        sites = coverage_records(result.gm if result.gm is not None else gm, gm)
+    except Exception:  # noqa: BLE001
+        sites = []
+    return PassResult(result.gm, {"fired": result.fired, "rewrite_stats": result.stats, "coverage": sites})
 
 
 def approximate_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:

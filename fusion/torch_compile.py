@@ -1,15 +1,19 @@
 """`torch.compile(model, backend="fusion")`: Dynamo captures, AOTAutograd splits forward and backward
-into ATen graphs, and each graph goes through `pipeline.compile_graph`.
+into ATen graphs, and each graph goes through `pipeline.compile_graph`. Under `dynamic=True` the float
+inputs Dynamo made of module attributes (a norm's eps) are constants again, behind a value guard
+(`fusion/capture/floats.py`).
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml) and, as a safety net for
 un-installed checkouts, by `import fusion`.
 """
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch.fx as fx
 
+from fusion.capture.floats import guarded, specialize_floats
 from fusion.config import Config
 
 if TYPE_CHECKING:  # annotations only: the driver is imported when a graph is compiled
@@ -23,14 +27,22 @@ def fusion_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Mappi
 
     `on_compiled(compiled_graph)` is called for every graph compiled (fusion.optimize collects them).
     """
+    asked = Config.from_options(options)
+    config = _approximate_config(asked, example_inputs)
+    traced = fx.GraphModule(gm, copy.deepcopy(gm.graph))     # as Dynamo traced it: runs where a guard fails
+    fixed = specialize_floats(gm, example_inputs)           # dynamic=True's float inputs, back to constants
+    if fixed:
+        return guarded(_compile(gm, example_inputs, asked, config, on_compiled), traced, fixed)
+    return _compile(gm, example_inputs, asked, config, on_compiled)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, config: Config,
+             on_compiled: Callable[[CompiledGraph], None] | None) -> Callable[..., Any]:
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     from fusion.store import dynamo_cache
     from fusion.pipeline import compile_graph, remember
-
-    asked = Config.from_options(options)
-    config = _approximate_config(asked, example_inputs)
 
     # warm path: an inference graph compiled before runs its stored program, without AOTAutograd
     try:

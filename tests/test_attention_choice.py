@@ -40,6 +40,22 @@ def test_decomposition_is_the_same_function(q_shape, kv_shape, mask_shape, mask_
     assert rel_err(decomposed_attention(q, k, v, mask, scale, causal), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_fully_masked_rows_are_zero_as_sdpa_gives(mask_dtype):
+    """A row whose every key is masked: SDPA returns 0 there (softmax alone would give nan), and so must the
+    decomposition the pass may pick instead."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    keep[0, ..., 11:] = False          # key padding
+    keep[1, :, 3, :] = False           # one query row sees nothing
+    mask = keep if mask_dtype is torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.17)
+    out = decomposed_attention(q, k, v, mask, 0.17, False)
+    assert torch.isfinite(out).all() and (out[1, :, 3] == 0).all()
+    assert rel_err(out, ref) <= 1e-5
+
+
 def test_big_calls_are_timed_on_fewer_rows_within_the_memory_cap():
     # GPT-2 s2048: [1, 12, 2048, 64]: the scores alone are 200 MB -> one head's worth is timed, x12
     (pq, pk, pv, pm), share = _proxy((1, 12, 2048, 64), (1, 12, 2048, 64), (1, 12, 2048, 64), None, 4)

@@ -36,14 +36,33 @@ def llama():   # grouped-query: 4 query heads share 2 kv heads
         vocab_size=100, max_position_embeddings=64, attn_implementation="eager", use_cache=False))
 
 
+def gpt_neo():   # where-mask (causal, dtype-min fill held as a tensor) + additive padding mask, no scaling
+    return transformers.GPTNeoModel(transformers.GPTNeoConfig(
+        num_layers=LAYERS, attention_types=[[["global", "local"], 1]], hidden_size=32, num_heads=4, vocab_size=100,
+        max_position_embeddings=64, window_size=8))
+
+
+def bloom():     # alibi through baddbmm on a flattened [B*H] batch, + the causal mask
+    return transformers.BloomModel(transformers.BloomConfig(n_layer=LAYERS, hidden_size=32, n_head=4, vocab_size=100))
+
+
+def t5():        # relative-position bias + padding mask, no scaling
+    return transformers.T5EncoderModel(transformers.T5Config(
+        num_layers=LAYERS, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=100, attn_implementation="eager"))
+
+
 #: fused ops per model: per layer, plus the ones outside the layers (embedding / final norms)
 EXPECTED = {
     "bert": (bert, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 1}),
     "gpt2": (gpt2, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 1}),
     "llama": (llama, {"attention": 1, "rms_norm": 2, "swiglu": 1}, {"rms_norm": 1}),
+    "gpt_neo": (gpt_neo, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 1}),
+    "bloom": (bloom, {"attention": 1, "layer_norm": 2, "gelu": 1}, {"layer_norm": 2}),
+    "t5": (t5, {"attention": 1, "rms_norm": 2}, {"rms_norm": 1}),
 }
 #: rules that must be reported by explain(), per model
-RULES = {"bert": {"attention"}, "gpt2": {"attention", "gelu_tanh"}, "llama": {"attention", "rms_norm", "swiglu"}}
+RULES = {"bert": {"attention"}, "gpt2": {"attention", "gelu_tanh"}, "llama": {"attention", "rms_norm", "swiglu"},
+         "gpt_neo": {"attention"}, "bloom": {"attention"}, "t5": {"attention", "rms_norm"}}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
@@ -108,3 +127,33 @@ def test_llama_bf16_norm_casts_stay_exact(dtype):
     with torch.no_grad():
         ref, out = model(ids).last_hidden_state.float(), opt(ids).last_hidden_state.float()
     assert (out - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+SLOW = pytest.mark.slow   # the default suite keeps one alibi and one relative-bias model; the rest run with -m slow
+
+
+@pytest.mark.parametrize("build", [pytest.param(bert, marks=SLOW), pytest.param(gpt_neo, marks=SLOW), bloom, t5,
+                                   pytest.param(llama, marks=SLOW)], ids=lambda f: f.__name__)
+def test_attention_fuses_under_dynamic_shapes_with_one_compile(build, tmp_path):
+    """torch.compile(dynamic=True): symbolic batch and sequence sizes (and the float attributes Dynamo makes
+    inputs, such as a norm's eps) still fuse, at two sequence lengths, from one compile."""
+    import functools
+
+    from fusion.torch_compile import fusion_backend
+
+    torch.manual_seed(0)
+    model = build().eval()
+    got: list = []
+    backend = functools.partial(fusion_backend, options={"codegen": "aten", "fallback": False,
+                                                         "cache_dir": str(tmp_path)}, on_compiled=got.append)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for seq in (12, 20):
+            ids = torch.randint(1, 100, (2, seq))
+            out, ref = compiled(ids).last_hidden_state, model(ids).last_hidden_state
+            assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), seq
+    assert len(got) == 1, f"{len(got)} compiles"
+    fused = Counter(FUSED_OPS[n.target] for n in got[0].program_gm.graph.nodes if n.target in FUSED_OPS)
+    assert fused["attention"] == LAYERS and "softmax" not in fused, fused

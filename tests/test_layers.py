@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
      "fusion.store.repro", "fusion.store.artifact", "fusion.store.weights"),   # programs saved, loaded, cached
     ("fusion.analysis.explain", "fusion.analysis.memory", "fusion.analysis.comparison",
      "fusion.analysis.plots", "fusion.analysis.timing"),                                             # explain / report / plot a program
-    ("fusion.pipeline",),                                                  # the driver: the passes in order
+    ("fusion.pipeline", "fusion.analysis.coverage"),                       # the driver: the passes in order;
+                                                                           # the coverage report its rewrite pass records
     ("fusion.approx",),                                                    # opt-in approximate rewrites
     ("fusion.passes",),                                                    # graph passes around lowering
     ("fusion.backends",),                                                  # C++ / Triton: render, build, run

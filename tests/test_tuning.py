@@ -229,3 +229,20 @@ def test_gemm_roofline_uses_the_rate_measured_at_the_shape(tmp_path):
                           {"aten": 2 * m * k * n / 1e14, "onednn": 2 * m * k * n / 1e14}, str(tmp_path), how="test")
     after = time_split(g.gm, stats, hardware(g.config), str(tmp_path))
     assert after["gemm_roofline_s"] < 0.5 * before["gemm_roofline_s"], (before, after)
+
+
+def test_candidates_are_built_and_timed_on_real_tensors_inside_a_fake_mode(tmp_path):
+    """torch.compile hands the backend a graph under an active FakeTensorMode: the candidates' operands are
+    still real tensors (a fake one would time only the dispatch, and data-dependent code would raise)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    seen = []
+
+    def make():
+        a = torch.randn(64, 64)
+        seen.append(isinstance(a, FakeTensor))
+        return {"mm": lambda: (a @ a).sum().item(), "add": lambda: (a + a).sum().item()}
+
+    with FakeTensorMode():
+        times = tuning.fastest("probe", "fake-mode 64", make, str(tmp_path), tuning.Budget(5.0))
+    assert seen == [False] and set(times) == {"mm", "add"} and all(t > 0 for t in times.values())

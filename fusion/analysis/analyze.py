@@ -190,18 +190,21 @@ def _weight_names(gm: fx.GraphModule, bindings: Sequence[tuple[str, str]]) -> se
 
 
 def _fill_vals(gm: fx.GraphModule, program_gm: fx.GraphModule | None) -> None:
-    """Give call_function nodes that lack meta["val"] (a lowered program rebuilt from a cache) a value: the
-    same-named node's of the graph before lowering, else the op run on its inputs' fake values. Shapes are
+    """Give placeholders and call_function nodes that lack meta["val"] (a lowered program rebuilt from a cache)
+    a value: the same-named node's of the graph before lowering, else (calls) the op run on its inputs' fake
+    values. Shapes are
     what the cost model counts with; nothing else is changed."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    missing = [n for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    missing = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta]
     if not missing:
         return
     vals = {n.name: n.meta["val"] for n in program_gm.graph.nodes if "val" in n.meta} if program_gm else {}
     for n in missing:
         if n.name in vals:
             n.meta["val"] = vals[n.name]
+            continue
+        if n.op == "placeholder":
             continue
         ins = [a.meta.get("val") for a in n.all_input_nodes]
         mode = next((v.fake_mode for v in pytree.tree_leaves(ins) if isinstance(v, FakeTensor)), None)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from fusion.analysis.coverage import format_coverage
 from fusion.costmodel.hardware import achieved_bandwidth, mbu
 from fusion.pipeline import CompiledGraph, CompileRecord, CompileLog, aten_calls
 
@@ -76,6 +77,10 @@ def explain_log(model_name: str, log: CompileLog, config: Any, code: str, n_aten
             lines.append(f"  {rule:<24} replaced {len(nodes):>4} nodes: {shown}")
     else:
         lines.append("  (none)")
+    covered = format_coverage(getattr(log, "coverage", None) or [])
+    if covered or any(p.name == "rewrite" and p.ok for p in log.passes):   # no section where nothing looked
+        lines += ["", "fusion coverage (softmax / norm / activation / attention sites in the captured graph):",
+                  covered or "  (none)"]
     sites = (stats or {}).get("sites") or []
     if sites:
         lines += ["", "choices per site (predicted time of the whole program with each alternative; "

@@ -20,6 +20,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from fusion.dialect import ops  # noqa: F401  (registers torch.ops.fusion.*)
 from fusion.dialect.graph_walk import LAYOUT_VARIES, STRIDE_VIEWS, layout_may_differ
 from fusion.errors import FusionInputError
+from fusion.capture.spellings import normalize_spellings
 from fusion.capture.trailing import Builder, flatten_trailing, only_first_output_used, replace_first_output
 
 aten = torch.ops.aten
@@ -205,9 +206,12 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
       last-dim forms between flattening views (`fusion/capture/trailing.py`), so the norm rules and row kernels apply;
     - `aten.alias` and no-op `aten.clone` of a contiguous intermediate → the value itself (functional graph:
       nothing can observe the copy); `aten._unsafe_view` → `aten.view`; `transpose`/`t` → `permute` (as export emits);
+    - spellings of one value as one form (`max(...).values` -> amax, baddbmm -> bmm + add, an empty cache's
+      `cat`, tensor constants of mask fills; `fusion/capture/spellings.py`);
     - dead code is removed.
     """
     g = gm.graph
+    normalize_spellings(gm)
     for node in list(g.nodes):
         if node.op != "call_function":
             continue

@@ -141,8 +141,12 @@ def fastest(op: str, key: str, make: Callable[[], dict[str, Callable[[], Any]]],
         return times
     if budget is None or not budget.allows(predicted_s):
         return None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     t0 = time.perf_counter()
-    times = {name: t * scale for name, t in measure(make()).items()}
+    with unset_fake_temporarily():   # inside torch.compile a fake mode is active: the operands must be real
+        candidates = make()
+    times = {name: t * scale for name, t in measure(candidates).items()}
     budget.spent += time.perf_counter() - t0
     budget.measured.append(f"{op} {key}")
     record(op, key, times, cache_dir)

@@ -40,6 +40,55 @@ def hint(d: Any, default: int = UNKNOWN_SIZE) -> int:
         return default
 
 
+#: Symbolic sizes in the rewrite e-graph are ints that multiply as the sizes do: symbol `s<k>` stands for
+#: -(SYM_UNIT * the k-th prime) and an expression of symbols (`s0 * s1`, `s1 + 1`) for its value there, so
+#: the rules' size arithmetic (`B * H` of a flattened batch) meets the size export wrote (`s0 * 4`).
+#: A size is symbolic when it is negative or a non-zero multiple of SYM_UNIT (a prime no real size is a
+#: multiple of in practice); three symbols multiplied overflow i64, where egglog's arithmetic fails and the
+#: rule does not match.
+SYM_UNIT = 1_048_573
+
+
+def _primes(n: int) -> list[int]:
+    out, k = [], 2
+    while len(out) < n:
+        if all(k % p for p in out if p * p <= k):
+            out.append(k)
+        k += 1
+    return out
+
+
+_PRIMES = _primes(4096)
+
+
+def size_id(d: Any) -> int | None:
+    """The e-graph int for a size: an int as it is; a SymInt of `s<k>` symbols by its value at
+    s<k> = -(SYM_UNIT * prime k); None for one the e-graph cannot stand for (unbacked, non-polynomial)."""
+    if isinstance(d, int):
+        return d
+    import sympy
+
+    expr = getattr(getattr(d, "node", None), "expr", None)
+    if expr is None:
+        return None
+    subs = {}
+    for sym in expr.free_symbols:
+        name = str(sym)
+        if not (name.startswith("s") and name[1:].isdigit() and int(name[1:]) < len(_PRIMES)):
+            return None
+        subs[sym] = sympy.Integer(-SYM_UNIT * _PRIMES[int(name[1:])])
+    try:
+        value = expr.xreplace(subs)
+        return int(value) if getattr(value, "is_Integer", False) else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def is_symbolic_id(d: int) -> bool:
+    """Whether an e-graph size stands for a symbolic one (see SYM_UNIT)."""
+    return d < 0 or (d != 0 and d % SYM_UNIT == 0)
+
+
 def _key(d: Any) -> Any:
     if isinstance(d, torch.SymInt):
         return ("sym", str(d.node.expr))

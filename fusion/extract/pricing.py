@@ -12,7 +12,7 @@ Two views of an e-node, both used by extraction (`fusion/extract/ilp.py`):
 
 Leaves (`var`, `scalar`, `none`) cost nothing.
 
-Sizes come from the e-graph's `shape` table; a symbolic size (negative id) counts as
+Sizes come from the e-graph's `shape` table; a symbolic size (`values.is_symbolic_id`) counts as
 `fusion.dialect.values.UNKNOWN_SIZE` (the size the scheduler and the roofline take for it too); a class
 without a shape takes the largest size among its inputs.
 """
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from fusion.costmodel.hardware import ATTENTION_KEY, BMM_KEY, HardwareProfile
 from fusion.costmodel.roofline import Cost
-from fusion.dialect.values import UNKNOWN_SIZE
+from fusion.dialect.values import UNKNOWN_SIZE, is_symbolic_id
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TRANSCENDENTAL = {"exp", "log", "erf", "tanh", "sigmoid", "sqrt", "rsqrt"}
@@ -44,8 +44,8 @@ DEFAULT_PROFILE = HardwareProfile(
 
 
 def _dim(d: int) -> int:
-    """A dim of the shape table: a symbolic one (negative id) counts UNKNOWN_SIZE."""
-    return UNKNOWN_SIZE if d < 0 else d
+    """A dim of the shape table: a symbolic one (`values.is_symbolic_id`) counts UNKNOWN_SIZE."""
+    return UNKNOWN_SIZE if is_symbolic_id(d) else d
 
 
 def numel(shape: Sequence[int] | None) -> float | None:

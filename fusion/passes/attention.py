@@ -46,6 +46,9 @@ def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1)
+    if mask is not None:   # SDPA gives 0 where a row's every key is masked (softmax alone: nan)
+        dead = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1, keepdim=True)
+        probs = probs.masked_fill(dead, 0.0)
     if g > 1:
         out = torch.matmul(probs.reshape(*lead, hkv, g * s, l_), v)
         return out.view(*lead, h, s, v.shape[-1])

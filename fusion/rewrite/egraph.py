@@ -18,8 +18,9 @@ Conventions (the inserter in `fusion.rewrite.insert` keeps them):
 
 `shape` and `dtype` have no merge function: two different shapes for one e-class are an error
 ("Illegal merge attempted for function shape"), which is how a wrong rule shows itself.
-Symbolic sizes are stored as negative ids (one per distinct symbolic expression), so equality of
-sizes is still meaningful; arithmetic on them is never done.
+Symbolic sizes are stored as ints that multiply as the sizes do (`fusion.dialect.values.size_id`:
+`s0 * s1` is the product of the ints of s0 and s1), so equality of sizes is meaningful and the rules'
+size arithmetic (the flattened batch `B * H`) holds for symbolic batch and sequence sizes too.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from egglog import EGraph
 from torch.fx import Node
 
 import fusion.dialect.ops  # noqa: F401  (registers torch.ops.fusion.*)
+from fusion.dialect import values
 from fusion.dialect.graph_walk import layout_may_differ
 from fusion.rewrite.egraph import REDUCE_OPS, UNARY_OPS, declare
 
@@ -66,7 +67,8 @@ class Inserted:
     signatures: dict[Node, Signature]            # modelled FX nodes
     leaves: dict[str, Node]                      # leaf name -> FX node
     roots: list[Node]                            # modelled nodes that must be materialised
-    symbols: dict[str, int] = field(default_factory=dict)   # symbolic size -> negative id
+    symbols: dict[str, int] = field(default_factory=dict)   # symbolic size without a values.size_id -> its id
+    sizes: dict[int, Node] = field(default_factory=dict)     # symbolic size id -> FX node computing it
 
 
 def _val(n: Any) -> Any:
@@ -207,8 +209,9 @@ def _cast(n: Node) -> Signature | None:
 
 
 def _out_shape(n: Node) -> Shape | None:
-    shape = tuple(_val(n).shape)
-    return Shape(shape) if all(isinstance(d, int) for d in shape) else None
+    """The output shape as e-graph sizes (symbolic ones as `values.size_id`); None if one has no id."""
+    dims = tuple(values.size_id(d) for d in _val(n).shape)
+    return None if any(d is None for d in dims) else Shape(dims)
 
 
 def _reshape(n: Node) -> Signature | None:
@@ -318,7 +321,7 @@ def insert(gm: torch.fx.GraphModule) -> Inserted:
 
     eg = EGraph()
     declare(eg)
-    ins = Inserted(eg, modelled, {}, [])
+    ins = Inserted(eg, modelled, {}, [], sizes=_size_nodes(nodes))
     lines: list[str] = []
 
     def arg(a: Any) -> str:
@@ -361,11 +364,25 @@ def insert(gm: torch.fx.GraphModule) -> Inserted:
 
 
 def size_id(s: Any, symbols: dict[str, int]) -> int:
-    """An int size, or a negative id standing for one symbolic size (compared, never computed)."""
-    if isinstance(s, int):
-        return s
-    key = str(s)
-    return symbols.setdefault(key, -1000 - len(symbols))
+    """An int size; a symbolic one as `values.size_id` (sizes that multiply as the symbols do), else an id
+    of its own (compared, never computed)."""
+    sid = values.size_id(s)
+    if sid is not None:
+        return sid
+    return symbols.setdefault(str(s), -values.SYM_UNIT * (100_003 + len(symbols)))
+
+
+def _size_nodes(nodes: list[Node]) -> dict[int, Node]:
+    """Symbolic e-graph size -> an FX node computing it (a SymInt placeholder, sym_size, `s0 * s1`): what a
+    view that rules created with that size is given when it is rebuilt."""
+    out: dict[int, Node] = {}
+    for n in nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            sid = values.size_id(v)
+            if sid is not None and values.is_symbolic_id(sid):
+                out.setdefault(sid, n)
+    return out
 
 
 def _facts(term: str, n: Node, symbols: dict[str, int]) -> list[str]:

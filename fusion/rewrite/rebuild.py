@@ -20,6 +20,7 @@ from fusion.extract.ilp import EGraphExport, ENode, Ref
 from fusion.dialect.graph_walk import reaches
 from fusion.rewrite.egraph import LOGICAL
 from fusion.rewrite.errors import RewriteError
+from fusion.dialect.values import is_symbolic_id
 from fusion.rewrite.insert import ABSENT, CHECK_ONLY, Inserted, Scalar, Shape
 
 aten = torch.ops.aten
@@ -113,6 +114,16 @@ def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
     raise RewriteError("rebuild", f"no FX form for e-graph op {op!r}")
 
 
+def _size_value(d: int, ins: Inserted, lookup: Any) -> Any:
+    """An int of a layout literal as an FX argument: itself, or (a symbolic size) the node computing it."""
+    if not is_symbolic_id(d):
+        return d
+    node = ins.sizes.get(d)
+    if node is None:
+        raise RewriteError("rebuild", f"a view of a symbolic size no graph value computes (id {d})")
+    return lookup(node)
+
+
 def original_enodes(ex: EGraphExport, ins: Inserted) -> dict[Node, int]:
     """FX node -> the e-node inserted for it (found again in its let's e-class)."""
     leaf_cls = {("var", n.args[0]): n.cls for n in ex.nodes if n.op == "var"}
@@ -174,6 +185,8 @@ def rebuild(gm: GraphModule, ins: Inserted, ex: EGraphExport, choice: dict[int, 
             built[cls] = graph.node_copy(owner[node.id], lookup)
         else:
             target, args, kwargs = call_of(node, [built[ch] for ch in node.children])
+            if node.op in _LAYOUT and isinstance(args[1], list):   # symbolic sizes: the FX values computing them
+                args = (args[0], [_size_value(d, ins, lookup) for d in args[1]])
             new = graph.call_function(target, args, kwargs)
             new.meta["val"] = _fake_run(fake_mode, target, args, kwargs, new)
             built[cls] = new
@@ -221,8 +234,8 @@ def rebuild(gm: GraphModule, ins: Inserted, ex: EGraphExport, choice: dict[int, 
 
 
 def _fake_run(fake_mode: Any, target: Any, args: tuple, kwargs: dict, new: Node) -> Any:
-    def val(a: Any) -> Any:
-        return a.meta["val"] if isinstance(a, Node) else a
+    def val(a: Any) -> Any:   # sizes of a view's shape list may be nodes too (symbolic sizes)
+        return [val(x) for x in a] if isinstance(a, list) else a.meta["val"] if isinstance(a, Node) else a
     vargs = tuple(val(a) for a in args)
     vkwargs = {k: val(v) for k, v in kwargs.items()}
     try:

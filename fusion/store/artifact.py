@@ -105,6 +105,7 @@ def dump(compiled: CompiledGraph) -> tuple[dict, list[str]] | None:
             "kernels": kernels,
             "kernel_infos": [dataclasses.asdict(k) for k in log.kernels],
             "fired": log.fired,
+            "coverage": log.coverage,
             "rewrite_stats": cache.jsonable(log.rewrite_stats),
             "counts": _counts(log),
             "program": program,
@@ -145,6 +146,7 @@ def restore(data: dict, sources: list[str], config: Config, *, how: str = "loade
     paths = {k["name"]: libs[k["source"]][0] for k in data["kernels"]}
     log = CompileLog(data["label"], num_nodes=data["num_nodes"])
     log.fired = data["fired"]
+    log.coverage = data.get("coverage", [])   # artifacts stored before the coverage report have none
     for k, v in data.get("counts", {}).items():
         if hasattr(log, k):
             setattr(log, k, v)

@@ -3,7 +3,9 @@
 Each rule is one identity, oriented towards a normal form (there is no associativity or
 commutativity rule; operand order of commutative ops is fixed when a graph is inserted):
 scalars move outwards and last, division by a constant becomes a multiplication, a power of x is
-written `x ** k`, and a normaliser (`rsqrt`, `reciprocal`) is the last factor.
+written `x ** k`, and a normaliser (`rsqrt`, `reciprocal`) is the last factor, applied to the value it
+normalises: `(w * x) * rsqrt(v)` is `w * (x * rsqrt(v))`, so a weight written before the division
+(`w * (x - mean) / sqrt(var + eps)`) meets the norm rules as a scale of the normalised value.
 
 Scalars float past tensors only (`(x*a)*y` with y of rank >= 1): letting two scalars swap
 places as well makes constant folding run forever once `x*1 -> x` has closed a cycle
@@ -22,7 +24,7 @@ MEAN_TOL = 1e-12
 
 
 @ruleset
-def scalar_algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterable[RewriteOrRule]:
+def scalar_algebra(x: Tensor, y: Tensor, z: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterable[RewriteOrRule]:
     def tensor(t: Tensor):  # t has rank >= 1, so it is not a Python scalar
         return eq(shape(t)).to(s), s.length() > i64(0)
 
@@ -38,6 +40,7 @@ def scalar_algebra(x: Tensor, y: Tensor, k: f64, k2: f64, s: Vec[i64]) -> Iterab
     yield rewrite(x / sqrt(y)).to(x * rsqrt(y))                     # x/sqrt(y) -> x*rsqrt(y)
     yield rewrite(rsqrt(y) * x).to(x * rsqrt(y))                    # rsqrt(y)*x -> x*rsqrt(y)
     yield rewrite(reciprocal(y) * x).to(x / y)                      # (1/y)*x -> x/y
+    yield rewrite((x * y) * rsqrt(z)).to(x * (y * rsqrt(z)))        # (w*x)*rsqrt(v) -> w*(x*rsqrt(v))  (w scales the normalised x)
     yield rewrite(x * x).to(x ** f64(2.0))                         # x*x -> x^2
     yield rewrite((x ** k) * x).to(x ** (k + f64(1.0)))            # x^k*x -> x^(k+1)
     yield rewrite(x * (x ** k)).to(x ** (k + f64(1.0)))            # x*x^k -> x^(k+1)

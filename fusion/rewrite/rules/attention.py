@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from egglog import Bool, RewriteOrRule, String, Vec, eq, f64, i64, rewrite, ruleset
+from egglog import Bool, RewriteOrRule, String, Vec, eq, f64, i64, ne, rewrite, ruleset
 
 from fusion.rewrite.egraph import NONE, Tensor, attention, bmm, c, clone, dtype, expand, fill_kind, matmul, permute, repeat_kv, reshape_, shape, softmax, transpose_, unsqueeze, view, where
 
@@ -51,6 +51,10 @@ def layout_rules(x: Tensor, y: Tensor, s: Vec[i64], t: Vec[i64], u: Vec[i64], a:
     yield rewrite(reshape_(bmm(reshape_(x, t), reshape_(y, u)), s)).to(
         matmul(x, y), *batched(t, u, s))                                                    # bmm over flattened batch = 4-D matmul
     yield rewrite(permute(x, Vec[i64](i64(0), i64(1), i64(3), i64(2)))).to(transpose_(x))   # swap last two (rank 4)
+    yield rewrite(permute(x, s)).to(
+        transpose_(permute(x, Vec[i64](s[0], s[1], s[3], s[2]))), eq(s.length()).to(i64(4)),
+        ne(s).to(Vec[i64](i64(0), i64(1), i64(3), i64(2))))                                 # permute p = (permute p') ^T, p' = p, last two swapped
+    yield rewrite(permute(x, Vec[i64](i64(0), i64(1), i64(2), i64(3)))).to(x)               # identity permute
     yield rewrite(permute(x, Vec[i64](i64(0), i64(2), i64(1)))).to(transpose_(x))           # swap last two (rank 3)
     yield rewrite(transpose_(transpose_(x))).to(x)                                          # (x^T)^T = x
     yield rewrite(matmul(x * c(k), y)).to(matmul(x, y) * c(k))                              # (x c) @ y = (x @ y) c
@@ -60,6 +64,15 @@ def layout_rules(x: Tensor, y: Tensor, s: Vec[i64], t: Vec[i64], u: Vec[i64], a:
     yield rewrite(reshape_(x * c(k), s)).to(reshape_(x, s) * c(k))                          # reshape(x c) = reshape(x) c
     yield rewrite(transpose_(x * c(k))).to(transpose_(x) * c(k))                            # (x c)^T = x^T c
     yield rewrite(clone(x * c(k))).to(clone(x) * c(k))                                      # copy(x c) = copy(x) c
+    # a flattened batch [B*H, m, n] (Bloom's baddbmm scores): its transpose and a broadcast add split with it
+    yield rewrite(transpose_(reshape_(x, t))).to(
+        reshape_(transpose_(x), Vec[i64](t[0], t[2], t[1])),
+        eq(shape(x)).to(a), eq(a.length()).to(i64(4)), eq(t).to(Vec[i64](a[0] * a[1], a[2], a[3])))    # (reshape x)^T = reshape(x^T)
+    yield rewrite(reshape_(x + y, s)).to(
+        view(x, Vec[i64](s[0], s[1], a[1], a[2])) + reshape_(y, s),
+        eq(shape(y)).to(b), eq(b.length()).to(i64(3)), eq(shape(x + y)).to(b), eq(shape(x)).to(a),
+        eq(a.length()).to(i64(3)), eq(a[0]).to(b[0]), eq(s.length()).to(i64(4)), eq(s[0] * s[1]).to(b[0]),
+        eq(s[2]).to(b[1]), eq(s[3]).to(b[2]))          # reshape(m + y) = view(m) + reshape(y), m: [B*H, 1|m, 1|n] (a split of dim 0: always a view)
 
 
 @ruleset
@@ -72,8 +85,9 @@ def repeat_kv_rules(x: Tensor, s: Vec[i64], t: Vec[i64], a: Vec[i64]) -> Iterabl
 
 
 @ruleset
-def attention_rules(q: Tensor, kk: Tensor, v: Tensor, m: Tensor, f: Tensor, d: i64, sc: f64, g: i64,
-                    s: Vec[i64], ms: Vec[i64], qs: Vec[i64], causal: Bool) -> Iterable[RewriteOrRule]:
+def attention_rules(q: Tensor, kk: Tensor, v: Tensor, m: Tensor, m2: Tensor, mb: Tensor, f: Tensor, d: i64, sc: f64,
+                    g: i64, s: Vec[i64], ms: Vec[i64], ms2: Vec[i64], mbs: Vec[i64], qs: Vec[i64],
+                    causal: Bool) -> Iterable[RewriteOrRule]:
     scores = matmul(q, transpose_(kk)) * c(sc)
     key_dim = (eq(shape(scores)).to(s), eq(d).to(s.length() - 1), eq(shape(q)).to(qs), qs.length() >= i64(3))
     def mask_ok(total: Tensor):  # m broadcasts to the scores without growing them; rank >= 2 (fusion.attention)
@@ -94,6 +108,20 @@ def attention_rules(q: Tensor, kk: Tensor, v: Tensor, m: Tensor, f: Tensor, d: i
         attention(q, kk, v, where(m, c(0.0), f), sc, FALSE), *key_dim, *bool_mask_ok(where(m, scores, f)))   # keep-mask
     yield rewrite(matmul(softmax(where(m, f, scores), d), v)).to(
         attention(q, kk, v, where(m, f, c(0.0)), sc, FALSE), *key_dim, *bool_mask_ok(where(m, f, scores)))   # masked_fill
+    # two masks (T5: position bias + padding mask; Bloom: alibi + causal mask; GPT-Neo: causal where + padding)
+    def masks_ok(inner: Tensor, total: Tensor):   # each mask rank >= 2; neither add grows the scores
+        return (eq(shape(inner)).to(s), eq(shape(total)).to(s), eq(shape(m)).to(ms), ms.length() >= i64(2),
+                eq(shape(m2)).to(ms2), ms2.length() >= i64(2))
+    for inner, mask in ((m + scores, m), (scores + m, m)):
+        for total in (inner + m2, m2 + inner):
+            yield rewrite(matmul(softmax(total, d), v)).to(
+                attention(q, kk, v, mask + m2, sc, FALSE), *key_dim, *masks_ok(inner, total))   # softmax(q k^T c + m + m2) v
+    for inner, mask in ((where(mb, scores, f), where(mb, c(0.0), f)), (where(mb, f, scores), where(mb, f, c(0.0)))):
+        for total in (inner + m2, m2 + inner):
+            yield rewrite(matmul(softmax(total, d), v)).to(
+                attention(q, kk, v, mask + m2, sc, FALSE), *key_dim, *masks_ok(inner, total),
+                eq(dtype(mb)).to(String("bool")), eq(fill_kind(f)).to(String("neg_big")),
+                eq(shape(mb)).to(mbs), mbs.length() >= i64(2))                                    # where-mask, then an additive one
     yield rewrite(attention(q, repeat_kv(kk, g), repeat_kv(v, g), m, sc, causal)).to(
         attention(q, kk, v, m, sc, causal))                                                 # shared kv heads: GQA form
 
