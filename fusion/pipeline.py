@@ -117,6 +117,7 @@ class CompiledGraph:
         self.log = log
         self.config = config
         self._failed = False
+        self._rewrite_failed = False
 
     def _graph(self, which: str) -> fx.GraphModule:
         g = self._graphs[which]
@@ -150,7 +151,17 @@ class CompiledGraph:
                 self._failed = True
                 self.log.fallbacks.append(f"run: {type(e).__name__}: {e}")
                 warn_fallback("run", f"{type(e).__name__}: {e}"[:300], what_runs="the unfused graph runs from now on")
-        return self.fallback_gm(*args)
+        if not self._rewrite_failed:
+            try:
+                return self.fallback_gm(*args)
+            except Exception as e:  # noqa: BLE001 - the rewritten graph itself is wrong: run the captured one
+                if self.fallback_gm is self.source_gm:
+                    raise
+                self._rewrite_failed = True
+                self.log.fallbacks.append(f"run (rewritten graph): {type(e).__name__}: {e}")
+                warn_fallback("run", f"the rewritten graph raised {type(e).__name__}: {e}"[:300],
+                              what_runs="the captured graph, as it was before rewriting, runs from now on")
+        return self.source_gm(*args)
 
     @property
     def code(self) -> str:

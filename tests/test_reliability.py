@@ -581,3 +581,23 @@ def test_reductions_of_0dim_tensors_need_no_fallback(fn):
         out = torch.compile(fn, backend="fusion")(x)
     assert [w for w in caught if issubclass(w.category, FusionFallbackWarning)] == []
     torch.testing.assert_close(out, fn(x))
+
+
+def test_a_rewritten_graph_that_raises_falls_back_to_the_captured_one():
+    """If the lowered program and the rewritten graph behind it both raise (a rewrite bug), the call warns and
+    runs the captured graph as it was before rewriting; a wrong rewrite never reaches the user as an error."""
+    from fusion.config import Config
+    from fusion.pipeline import CompiledGraph, CompileLog
+
+    wrong = torch.fx.symbolic_trace(lambda x: x.view(999) * 2)      # raises at run time: no such view
+    also_wrong = torch.fx.symbolic_trace(lambda x: x.view(998) * 2)
+    captured = torch.fx.symbolic_trace(lambda x: x * 2)
+    cg = CompiledGraph(wrong, also_wrong, CompileLog("inference", num_nodes=3), Config(), also_wrong, captured)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [cg(x) for _ in range(3)]
+    msgs = [str(w.message) for w in caught if issubclass(w.category, FusionFallbackWarning)]
+    assert len(msgs) == 2 and "before rewriting" in msgs[1], msgs
+    for out in outs:
+        torch.testing.assert_close(out, x * 2)

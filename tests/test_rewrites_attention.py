@@ -5,12 +5,14 @@ Negative tests: what SDPA cannot express must not fire. Counts and numerics only
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from fusion.config import Config
+from fusion.errors import FusionFallbackWarning
 from fusion.rewrite import rewrite
 from tests.test_rewrites import capture, rel_err
 
@@ -268,3 +270,75 @@ def test_the_measured_rates_decide_between_attention_and_bmm_softmax_bmm():
     assert n_attn(fast) == 1 and n_attn(slow) == 0
     with torch.no_grad():
         assert rel_err(fast.gm(*args)[0], fn(q, k, v, m)) <= 2e-5
+
+
+def test_symbolic_sizes_that_are_no_polynomial_stay_out_of_the_e_graph():
+    """Regression: `repeat_interleave(h // hkv, dim=1)` under dynamic=True expands by `FloorDiv(s1, s0)`. Its value
+    at the symbols' stand-ins is a small plain int (1 here), so the expand read as a no-op and the rewritten
+    graph viewed 2x too few elements. A size that is not a polynomial of the symbols is no e-graph literal."""
+    from fusion.dialect.values import size_id
+
+    def gqa(q, k, v):
+        n = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gqa, backend="fusion", dynamic=True)
+    for length in (32, 33):                       # batch 2 == kv heads 2: Dynamo gives them one symbol
+        q, k, v = qkv(2, 4, length, length, 16, hkv=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FusionFallbackWarning)
+            out = compiled(q, k, v)
+        assert rel_err(out, gqa(q, k, v)) <= 2e-5
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    h, hkv = (env.create_symintnode(env.create_symbol(n, ConstantSource(f"d{n}"), dynamic_dim=DimDynamic.DYNAMIC),
+                                    hint=n) for n in (4, 2))
+    assert size_id(h // hkv) is None                             # FloorDiv: no e-graph literal
+    assert size_id(h * hkv) == size_id(h) * size_id(hkv) and size_id(h + 1) == size_id(h) + 1
+
+
+class NanoGptCausal(nn.Module):
+    """nanoGPT's causal attention: a tril buffer and `masked_fill(bias[:, :, :T, :T] == 0, -inf)`."""
+    def __init__(self, n: int = 64):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(n, n)).view(1, 1, n, n))
+
+    def forward(self, q, k, v):
+        t = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        return torch.softmax(att, dim=-1) @ v
+
+
+def _padding_additive(q, k, v, keep):
+    mask = (1.0 - keep[:, None, None, :]) * torch.finfo(q.dtype).min    # an integral float beyond int64
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)) + mask, -1) @ v
+
+
+@pytest.mark.parametrize("name", ["nanogpt_masked_fill", "padding_additive_finfo_min", "masked_fill_runtime_tril"])
+def test_masks_under_torch_compile_reach_the_attention_rule(name):
+    """AOTAutograd keeps `masked_fill` (export decomposes it to `where`): normalize writes it as the `where` the
+    rules read. The graph torch.compile captured, rewritten, holds one attention call, and the compiled model
+    equals eager with no fallback (a `finfo.min` scalar used to fail the rebuild as an over-long int)."""
+    import fusion
+
+    q, k, v = qkv(2, 2, 24, 24, 16)
+    keep = torch.ones(2, 24)
+    keep[1, -5:] = 0
+    fn, inputs = {
+        "nanogpt_masked_fill": (NanoGptCausal(), (q, k, v)),
+        "padding_additive_finfo_min": (Attn(_padding_additive), (q, k, v, keep)),
+        "masked_fill_runtime_tril": (Attn(lambda q, k, v: torch.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(
+            ~torch.ones(q.size(-2), q.size(-2), dtype=torch.bool).tril(), float("-inf")), -1) @ v), (q, k, v)),
+    }[name]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionFallbackWarning)
+        out = torch.compile(fn, backend="fusion")(*inputs)
+    assert rel_err(out, fn(*inputs)) <= 2e-5
+    source = fusion.last_compiled(1)[0].source_gm
+    assert n_attn(rewrite(source, Config())) == 1, source.code

@@ -11,6 +11,8 @@ the modelled form before insertion, where each is one exact identity:
     cat([empty, x], d)                          -> clone(x)  (a KV cache that starts empty: HF's DynamicCache;
                                                   normalize drops the clone where x is contiguous)
     lift_fresh_copy(0-d constant c)             -> scalar_tensor(c)   (`torch.tensor(finfo.min)` mask fills)
+    masked_fill(x, m, v)                        -> where(m, scalar_tensor(v), x)   (AOTAutograd keeps masked_fill;
+                                                  export's core ATen already writes it so)
     _assert_tensor_metadata(x, ...)             -> removed (export's check of a `.to()` input's dtype: the
                                                   program's own inputs are checked where it is called)
 
@@ -129,6 +131,40 @@ def _fresh_scalar(gm: fx.GraphModule, g: fx.Graph, n: fx.Node) -> bool:
     return True
 
 
+def _masked_fill(g: fx.Graph, n: fx.Node) -> bool:
+    """masked_fill(x, m, v) -> where(m, v, x), v a scalar (or a 0-d tensor) of x's dtype: the mask form the
+    attention and softmax rules read. The result keeps x's shape (m broadcasts to x, never beyond)."""
+    x, m, v = n.args[:3]
+    xv, mv, out = _val(x), _val(m), _val(n)
+    if not all(isinstance(t, torch.Tensor) for t in (xv, mv, out)) or tuple(out.shape) != tuple(xv.shape):
+        return False
+    if not xv.is_floating_point() or mv.dtype != torch.bool:
+        return False
+    with g.inserting_before(n):
+        if isinstance(v, fx.Node):
+            vv = _val(v)
+            if not (isinstance(vv, torch.Tensor) and vv.dim() == 0 and vv.dtype == xv.dtype):
+                return False
+            fill = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            fill = g.call_function(aten.scalar_tensor.default, (float(v),), {"dtype": xv.dtype, "device": xv.device})
+            fill.meta = {"val": torch.empty((), dtype=xv.dtype, device=xv.device) if not _is_fake(xv)
+                         else xv.new_empty(())}
+        else:
+            return False
+        w = g.call_function(aten.where.self, (m, fill, x))
+    w.meta = dict(n.meta)
+    n.replace_all_uses_with(w)
+    g.erase_node(n)
+    return True
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 _MAX_MIN = (aten.max.dim, aten.min.dim)
 
 
@@ -144,6 +180,8 @@ def normalize_spellings(gm: fx.GraphModule) -> None:
             _baddbmm(g, n)
         elif n.target is aten.cat.default:
             _cat_of_empty(g, n)
+        elif n.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            _masked_fill(g, n)
         elif n.target is aten.lift_fresh_copy.default:
             _fresh_scalar(gm, g, n)
         elif n.target is aten._assert_tensor_metadata.default:

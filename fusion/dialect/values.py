@@ -71,6 +71,8 @@ def size_id(d: Any) -> int | None:
     expr = getattr(getattr(d, "node", None), "expr", None)
     if expr is None:
         return None
+    if not _polynomial(expr):   # FloorDiv, Mod, Min...: their value at the stand-ins is no size of theirs
+        return None
     subs = {}
     for sym in expr.free_symbols:
         name = str(sym)
@@ -79,9 +81,25 @@ def size_id(d: Any) -> int | None:
         subs[sym] = sympy.Integer(-SYM_UNIT * _PRIMES[int(name[1:])])
     try:
         value = expr.xreplace(subs)
-        return int(value) if getattr(value, "is_Integer", False) else None
     except (TypeError, ValueError, AttributeError):
         return None
+    if not getattr(value, "is_Integer", False):
+        return None
+    value = int(value)
+    # a symbolic size must stay recognisably symbolic (s1 - s1 + 3 is folded by sympy before it gets here)
+    return value if not expr.free_symbols or is_symbolic_id(value) else None
+
+
+def _polynomial(expr: Any) -> bool:
+    """Whether a sympy size expression is built only of symbols, integers, +, * and non-negative integer powers."""
+    if expr.is_Symbol or expr.is_Integer:
+        return True
+    if expr.is_Add or expr.is_Mul:
+        return all(_polynomial(a) for a in expr.args)
+    if expr.is_Pow:
+        base, e = expr.args
+        return bool(e.is_Integer) and int(e) >= 0 and _polynomial(base)
+    return False
 
 
 def is_symbolic_id(d: int) -> bool:

@@ -58,7 +58,9 @@ _LAYOUT = {"view": aten.view.default, "expand": aten.expand.default, "permute": 
 
 
 def _num(v: float) -> int | float:
-    return int(v) if float(v).is_integer() else v
+    """An integral scalar as an int (as the captured graph wrote it), unless it is beyond int64: a mask's
+    `finfo(float32).min` is integral but no ATen op takes it as an int."""
+    return int(v) if float(v).is_integer() and abs(v) < 2 ** 53 else v
 
 
 def call_of(node: ENode, a: list[Any]) -> tuple[Any, tuple, dict]:
