@@ -215,7 +215,7 @@ def rewrite_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     try:  # which softmax / norm / activation / attention sites fused: a report, never a reason to fall back
         from fusion.analysis.coverage import coverage_records
 
-        sites = coverage_records(result.gm if result.gm is not None else gm, gm)
+        sites = coverage_records(result.gm if result.gm is not None else gm, gm, result.stats.get("offered", ()))
     except Exception:  # noqa: BLE001
         sites = []
     return PassResult(result.gm, {"fired": result.fired, "rewrite_stats": result.stats, "coverage": sites})

@@ -214,3 +214,25 @@ def test_format_accepts_sites_and_dicts(site):
 
     assert format_coverage([site]) == format_coverage([asdict(site)])
     assert "norm" in format_coverage([site]) and "rms_norm x1" in format_coverage([site])
+
+
+def test_an_attention_the_cost_model_kept_unfused_is_told_apart_from_a_missed_spelling():
+    """The rewrite records which fused forms its e-graph held ("offered"); an unfused site of such a kind was
+    a cost decision and says so, an unfused site of a kind no rule offered is a miss (the plain NOT FUSED)."""
+    from fusion.config import Config
+    from fusion.rewrite import rewrite
+    from tests.conftest import aten_graph
+
+    def attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    gm = aten_graph(attention, (q, k, v))
+    assert "attention" in rewrite(gm, Config()).stats["offered"]          # the rule matched this spelling
+    gm = aten_graph(attention, (q, k, v))                                   # the unfused program, as captured
+    kept = {s["kind"]: s for s in cov.coverage_records(gm, None, offered=["attention", "softmax"])}
+    missed = {s["kind"]: s for s in cov.coverage_records(gm, None)}
+    assert kept["attention"]["priced_out"] and not kept["attention"]["fused"]
+    assert not missed["attention"]["priced_out"]
+    assert "priced this one cheaper" in format_coverage(list(kept.values()))
+    assert "priced" not in format_coverage(list(missed.values()))

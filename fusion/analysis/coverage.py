@@ -39,7 +39,7 @@ from fusion.dialect.ops import FUSED_OPS
 
 #: the kind of each fused op (FUSED_OPS short names) and of ATen's fused forms (by op name)
 _KIND = {"softmax": "softmax", "log_softmax": "log_softmax", "gelu": "activation", "gelu_tanh": "activation",
-         "silu": "activation", "gelu_quick": "activation", "swiglu": "gated", "geglu": "gated",
+         "silu": "activation", "gelu_quick": "activation", "swiglu": "gated", "geglu": "gated", "glu": "gated",
          "layer_norm": "norm", "rms_norm": "norm", "attention": "attention", "sdpa": "attention"}
 _ATEN_FUSED = {"scaled_dot_product_attention": "sdpa", "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
                "_scaled_dot_product_flash_attention": "sdpa", "_scaled_dot_product_efficient_attention": "sdpa",
@@ -61,6 +61,7 @@ class Site:
     op: str
     node: str
     where: str = ""
+    priced_out: bool = False   # unfused, but a rule did offer the fused form: the cost model kept this one
 
 
 def _op(n: Any) -> str:
@@ -188,9 +189,20 @@ def coverage(program_gm: fx.GraphModule, source_gm: fx.GraphModule | None = None
     return sites
 
 
-def coverage_records(program_gm: fx.GraphModule, source_gm: fx.GraphModule | None = None) -> list[dict]:
-    """`coverage` as plain dicts: what CompileLog.coverage holds (JSON-able, stored with saved programs)."""
-    return [asdict(s) for s in coverage(program_gm, source_gm)]
+def coverage_records(program_gm: fx.GraphModule, source_gm: fx.GraphModule | None = None,
+                     offered: Sequence[str] = ()) -> list[dict]:
+    """`coverage` as plain dicts: what CompileLog.coverage holds (JSON-able, stored with saved programs).
+
+    `offered`: the fused ops the rewrite's e-graph held (rewrite stats "offered"). An unfused attention site
+    where the e-graph held an attention call was a cost decision (GEMM + fused softmax + GEMM priced cheaper
+    than one SDPA call, as it is at small heads on some CPUs), not a missed spelling: it is marked
+    `priced_out`. Graph-level: the e-graph held one somewhere (a model's attention layers are alike). Only
+    attention: the other fused forms are in the e-graph whenever the input already used them (`_softmax`)."""
+    kinds = {"attention"} & {_KIND[op] for op in offered if op in _KIND}
+    sites = coverage(program_gm, source_gm)
+    for site in sites:
+        site.priced_out = not site.fused and site.kind in kinds
+    return [asdict(site) for site in sites]
 
 
 def coverage_of(opt: Any) -> list[Site]:
@@ -245,5 +257,6 @@ def format_coverage(sites: Sequence[Site | dict]) -> str:
         shown = f"  ({', '.join(f'{op} x{c}' for op, c in sorted(ops.items()))})" if ops else ""
         lines.append(f"  {kind:<12} {sum(s.fused for s in of):>4} / {len(of):<4} fused{shown}")
     for s in missed:
-        lines.append(f"  NOT FUSED {s.kind:<12} {s.op:<20} at {s.node:<18} {s.where or '(location unknown)'}")
+        why = "  (a rule offered the fused form; the cost model priced this one cheaper)" if s.priced_out else ""
+        lines.append(f"  NOT FUSED {s.kind:<12} {s.op:<20} at {s.node:<18} {s.where or '(location unknown)'}{why}")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ from fusion.rewrite.saturate import saturate
 from fusion.rewrite.sites import site_alternatives
 
 #: rules that are FX passes, not e-graph families (also names for `Config.disable_rules`)
+#: the e-graph's fused forms, whose presence after saturation the coverage report reads (stats["offered"])
+OFFERED = frozenset({"attention", "softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "glu"})
 FX_RULES = ("shared_matmul",)     # fusion/passes/merge.py (run by fusion.pipeline after this stage)
 
 __all__ = ["FAMILIES", "RewriteError", "RewriteResult", "rewrite"]
@@ -93,6 +95,7 @@ def rewrite(gm: torch.fx.GraphModule, config: Config, hw: HardwareProfile | None
     except Exception as e:
         raise RewriteError("extract", f"{type(e).__name__}: {e}") from e
     lap("extract")
+    stats["offered"] = sorted({node.op.rsplit(".", 1)[-1] for node in ex.nodes} & OFFERED)  # fused forms the e-graph held
     stats.update(enodes=ex.num_enodes, eclasses=len(ex.classes), extraction=ch.result.method,
                  cost_before=ch.before, cost_after=min(ch.before, ch.result.cost))
     kept = not ch.result.cost < ch.before - TIE_BREAK_S
