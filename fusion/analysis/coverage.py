@@ -198,10 +198,10 @@ def coverage_records(program_gm: fx.GraphModule, source_gm: fx.GraphModule | Non
     than one SDPA call, as it is at small heads on some CPUs), not a missed spelling: it is marked
     `priced_out`. Graph-level: the e-graph held one somewhere (a model's attention layers are alike). Only
     attention: the other fused forms are in the e-graph whenever the input already used them (`_softmax`)."""
-    kinds = {"attention"} & {_KIND[op] for op in offered if op in _KIND}
+    attention_offered = "attention" in offered
     sites = coverage(program_gm, source_gm)
     for site in sites:
-        site.priced_out = not site.fused and site.kind in kinds
+        site.priced_out = attention_offered and not site.fused and site.kind == "attention"
     return [asdict(site) for site in sites]
 
 

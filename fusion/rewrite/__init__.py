@@ -32,9 +32,9 @@ from fusion.rewrite.rules import FAMILIES
 from fusion.rewrite.saturate import saturate
 from fusion.rewrite.sites import site_alternatives
 
-#: rules that are FX passes, not e-graph families (also names for `Config.disable_rules`)
 #: the e-graph's fused forms, whose presence after saturation the coverage report reads (stats["offered"])
 OFFERED = frozenset({"attention", "softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "glu"})
+#: rules that are FX passes, not e-graph families (also names for `Config.disable_rules`)
 FX_RULES = ("shared_matmul",)     # fusion/passes/merge.py (run by fusion.pipeline after this stage)
 
 __all__ = ["FAMILIES", "RewriteError", "RewriteResult", "rewrite"]

@@ -7,7 +7,8 @@ reaches the same pattern through the algebra family (x*(1/y) -> x/y).
 `torch.logsumexp` decomposes to `log(sum(exp(x - w))) + w` with w the row max guarded against infinities
 (`where(|max| == inf, 0, max)`). For any w that is one value per row (w's shape is the keepdim reduction's),
 `x - w - log sum e^(x - w) = x - log sum e^x`, so `x - logsumexp(x)` is log_softmax whatever w's guard is.
-`log(softmax(x))` is log_softmax too; the fused op is finite where softmax underflows to 0.
+The sum is written `w + log(...)`: w is defined before the log that reads it, and the inserter puts the
+earlier operand of a commutative op first. `log(softmax(x))` is log_softmax too; the fused op is finite where softmax underflows to 0.
 """
 from __future__ import annotations
 
@@ -28,4 +29,3 @@ def softmax_rules(x: Tensor, w: Tensor, d: i64) -> Iterable[RewriteOrRule]:
     lse = sum_(exp(x - w), d, TRUE)
     per_row = eq(shape(w)).to(shape(lse))
     yield rewrite(x - (w + log(lse))).to(log_softmax(x, d), per_row)                  # x - logsumexp(x) = log_softmax(x)
-    yield rewrite(x - (log(lse) + w)).to(log_softmax(x, d), per_row)
