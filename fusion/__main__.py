@@ -340,8 +340,33 @@ def calibrate(argv: list[str]) -> int:
     return calibrate_main(argv) or 0
 
 
+def cache_cmd(argv: list[str]) -> int:
+    """Show (info) or empty (clear) the cache directory; it is kept under its size limit by itself."""
+    from fusion.store import bounded
+    from fusion.store import cache
+
+    ap = argparse.ArgumentParser(prog="python -m fusion cache", description=cache_cmd.__doc__)
+    ap.add_argument("action", choices=["info", "clear"])
+    ap.add_argument("--dir", help="the cache directory (default: $FUSION_CACHE_DIR or ~/.cache/fusion)")
+    ap.add_argument("--all", action="store_true", help="clear: the calibrated hardware profiles too")
+    a = ap.parse_args(argv)
+    root = cache.cache_dir(a.dir)
+    if a.action == "clear":
+        n = bounded.clear(root, everything=a.all)
+        print(f"{root}: removed {n} files" + ("" if a.all else " (calibrated profiles kept; --all removes them)"))
+        return 0
+    use = bounded.usage(root)
+    total = sum(b for _, b in use.values())
+    limit = bounded.limit_bytes()
+    print(f"{root}: {total / 2**20:.1f} MB of {limit / 2**20:.0f} MB (limit: $FUSION_CACHE_LIMIT_MB or "
+          f"Config.cache_limit_mb; least recently used entries are evicted past it)")
+    for name, (n, b) in sorted(use.items()):
+        print(f"  {name:<10} {n:>6} entries {b / 2**20:>9.1f} MB")
+    return 0
+
+
 COMMANDS = {"demo": demo, "optimize": optimize, "explain": explain, "analyze": analyze, "repro": repro,
-            "bench": bench, "calibrate": calibrate}
+            "bench": bench, "calibrate": calibrate, "cache": cache_cmd}
 
 
 #: torch.export's run_decompositions deep-copies the module call graph, whose pytree specs hold the deprecated

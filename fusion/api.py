@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
@@ -38,7 +39,8 @@ Variant = tuple[Captured, list["Accessor | None"], CompiledGraph]
 
 
 class OptimizedModule(torch.nn.Module):
-    """The optimized program. Call it like the original model (inference: it runs under no_grad).
+    """The optimized program. Call it like the original model (inference: it runs under no_grad; inputs
+    that require grad, with grad mode on, run the original module instead, with one warning).
 
     Weights are not copied: they are looked up by name on the original module at every call, so
     in-place updates (load_state_dict, optimizer steps) are seen. `.code` prints the program.
@@ -63,6 +65,7 @@ class OptimizedModule(torch.nn.Module):
         self.captured: Captured | None = None
         self.accessors: list[Accessor | None] = []
         self._dynamo: Callable[..., Any] | None = None
+        self._warned_grad = False
         # torch.export specialises the graph to the example shapes; other shapes get their own capture
         # (kernels take sizes at run time, so recompiling them is a cache hit), at most MAX_SHAPE_VARIANTS.
         self._variants: dict[Signature, Variant] = {}
@@ -223,6 +226,9 @@ class OptimizedModule(torch.nn.Module):
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in pytree.tree_leaves((args, kwargs))):
+            return self._differentiable(*args, **kwargs)
         if self._dynamo is not None:
             with torch.no_grad():
                 return self._dynamo(*args, **kwargs)
@@ -245,6 +251,17 @@ class OptimizedModule(torch.nn.Module):
                 self._weight(target)().copy_(outs[i])
             outs = [o for i, o in enumerate(outs) if i not in cap.buffer_mutations]
         return pytree.tree_unflatten(list(outs), cap.out_spec)
+
+    def _differentiable(self, *args: Any, **kwargs: Any) -> Any:
+        """Inputs that require grad, with grad mode on: the optimized program is an inference program (its
+        outputs carry no graph), so the original module runs, and says so once."""
+        if not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn("fusion: this optimized module runs inference programs (outputs carry no autograd "
+                          "graph); inputs that require grad run the original module instead, differentiably. "
+                          "Call it under torch.no_grad() for the optimized program, or use "
+                          "torch.compile(model, backend=\"fusion\") to train with fused kernels.", stacklevel=3)
+        return self.original(*args, **kwargs)
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -352,6 +369,19 @@ def optimize(model: torch.nn.Module, example_inputs: ExampleInputs, config: Conf
     if hit:  # nothing to capture or compile
         opt.capture_seconds = time.perf_counter() - t0
         return opt
+    if key is None:
+        return _capture_and_compile(opt, model, example_inputs, config, None, t0)
+    with structural.building(key, config):    # processes optimizing the same architecture: one compiles it
+        hit, key = opt._from_structural_cache(example_inputs, {})
+        if hit:                               # another process stored it while this one waited
+            opt.capture_seconds = time.perf_counter() - t0
+            return opt
+        return _capture_and_compile(opt, model, example_inputs, config, key, t0)
+
+
+def _capture_and_compile(opt: OptimizedModule, model: torch.nn.Module, example_inputs: ExampleInputs,
+                         config: Config, key: str | None, t0: float) -> OptimizedModule:
+    """optimize() past a structural-cache miss: capture with torch.export (else Dynamo), compile, store."""
     try:
         captured = capture_module(model, example_inputs)
     except Exception as export_error:  # noqa: BLE001 - try the more permissive capture

@@ -34,6 +34,8 @@ class Config:
     codegen:       "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "aten" (no generated kernels).
     num_threads:   threads for generated CPU kernels; None = torch.get_num_threads() at call time.
     cache_dir:     where compiled kernels and profiles live; None = $FUSION_CACHE_DIR or ~/.cache/fusion.
+    cache_limit_mb: size limit of that directory, least recently used entries evicted past it
+                   (fusion/store/bounded.py); None = $FUSION_CACHE_LIMIT_MB or 2048.
     cxx:           C++ compiler for generated CPU kernels; None = $FUSION_CXX or g++ (resolved when used,
                    never at import: `resolve_cxx`).
     fallback:      on an internal failure run the original graph with one warning (True) or raise (False).
@@ -62,6 +64,7 @@ class Config:
     codegen: str = "auto"
     num_threads: int | None = None
     cache_dir: str | None = None
+    cache_limit_mb: float | None = None
     cxx: str | None = None
     fallback: bool = True
     verbose: bool = False
@@ -99,6 +102,9 @@ class Config:
             raise ConfigError(f"Config.codegen must be one of auto, cpp, triton, aten; got {self.codegen!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"Config.num_threads must be a positive int or None, got {self.num_threads!r}")
+        if self.cache_limit_mb is not None and (isinstance(self.cache_limit_mb, bool) or not isinstance(
+                self.cache_limit_mb, (int, float)) or self.cache_limit_mb <= 0):
+            raise ConfigError(f"Config.cache_limit_mb must be a positive number of MB or None, got {self.cache_limit_mb!r}")
         if self.cxx is not None and (not isinstance(self.cxx, str) or not self.cxx):
             raise ConfigError(f"Config.cxx must be a compiler command (a non-empty str) or None, got {self.cxx!r}")
         if not isinstance(self.structural_cache, bool):
@@ -133,7 +139,7 @@ class Config:
         """A stable string for cache keys."""
         parts = []
         for f in dataclasses.fields(self):
-            if f.name in ("verbose", "cache_dir", "fallback", "structural_cache", "tune_budget_s"):  # never change the program
+            if f.name in ("verbose", "cache_dir", "cache_limit_mb", "fallback", "structural_cache", "tune_budget_s"):  # never change the program
                 continue
             v = getattr(self, f.name)
             if f.name == "cxx":   # the compiler that will run: None and its resolved name key the same

@@ -401,21 +401,36 @@ def _rewrite(gm: fx.GraphModule, config: Config, hw: Any) -> Any:
     except TypeError:  # a graph we cannot serialise is simply not cached
         return rewrites.rewrite(gm, config, hw)
     path = cache.subdir("graphs", config.cache_dir) / f"{key}.json"
-    hit = cache.read_json(path)
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    hit = _cached_rewrite(path, vals)
     if hit is not None:
-        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        return hit
+    with cache.exclusive(path):     # ranks rewriting the same graph: one saturates, the others read its result
+        hit = _cached_rewrite(path, vals)
+        if hit is not None:
+            return hit
+        result = rewrites.rewrite(gm, config, hw)
         try:
-            new = serialize.graph_from_dict(hit["graph"], vals)
-            return CachedRewrite(new, hit["fired"], {**hit["stats"], "cache": "hit"})
-        except Exception:  # noqa: BLE001 - a stale or unreadable entry is rebuilt
+            payload = {"graph": serialize.graph_to_dict(result.gm), "fired": result.fired,
+                       "stats": cache.jsonable(result.stats)}
+            cache.write_json(path, payload)
+        except (TypeError, ValueError, OSError):
             pass
-    result = rewrites.rewrite(gm, config, hw)
-    try:
-        payload = {"graph": serialize.graph_to_dict(result.gm), "fired": result.fired, "stats": cache.jsonable(result.stats)}
-        cache.write_json(path, payload)
-    except (TypeError, ValueError, OSError):
-        pass
     return result
+
+
+def _cached_rewrite(path: Any, vals: list[Any]) -> CachedRewrite | None:
+    from fusion.store import cache
+    from fusion.store import serialize
+
+    hit = cache.read_json(path)
+    if hit is None:
+        return None
+    try:
+        new = serialize.graph_from_dict(hit["graph"], vals)
+        return CachedRewrite(new, hit["fired"], {**hit["stats"], "cache": "hit"})
+    except Exception:  # noqa: BLE001 - a stale or unreadable entry is rebuilt
+        return None
 
 
 def _merge(gm: fx.GraphModule, hw: Any, stackable: frozenset[str], tuner: Any = None) -> Any:
@@ -488,7 +503,40 @@ def remember(compiled: CompiledGraph) -> CompiledGraph:
     """Record `compiled` in RECENT (the 32 newest kept) and return it unchanged."""
     RECENT.append(CompileRecord.of(compiled))
     del RECENT[:-32]
+    trim_process_caches()
+    from fusion.store import bounded, cache
+
+    try:                                    # the cache directory stays under its size limit
+        bounded.enforce(cache.cache_dir(compiled.config.cache_dir), compiled.config.cache_limit_mb)
+    except OSError:
+        pass
     return compiled
+
+
+#: torch keeps, per process and without bound, the source of every GraphModule it ever generated (for
+#: tracebacks: torch.fx.graph_module._loader, and linecache) and the results of fake-tensor dispatch by
+#: shape (FakeTensorMode.cache). A compile makes ~20 GraphModules and ~50 dispatch entries per new shape, so
+#: a process compiling thousands of shapes grew by ~70 kB per compile; past these sizes the oldest go.
+FX_SOURCES_KEPT = 2000
+FAKE_DISPATCH_KEPT = 20_000
+
+
+def trim_process_caches() -> None:
+    """Bound torch's per-process caches that every compile adds to (the source lines of the oldest
+    generated GraphModules are then no longer shown in tracebacks; nothing else changes)."""
+    import linecache
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx import graph_module as fx_graph_module
+
+    sources = getattr(getattr(fx_graph_module, "_loader", None), "eval_cache", None)
+    if isinstance(sources, dict) and len(sources) > FX_SOURCES_KEPT:
+        for key in list(sources)[: len(sources) - FX_SOURCES_KEPT]:     # insertion order: oldest first
+            sources.pop(key, None)
+            linecache.cache.pop(key, None)
+    dispatch = getattr(FakeTensorMode, "cache", None)
+    if isinstance(dispatch, dict) and len(dispatch) > FAKE_DISPATCH_KEPT:
+        dispatch.clear()
 
 
 def hardware(config: Config) -> Any:

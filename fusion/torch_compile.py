@@ -71,12 +71,23 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, confi
 
         return compile_fn
 
-    return aot_autograd(
-        fw_compiler=compiler("forward"),
-        bw_compiler=compiler("backward"),
-        inference_compiler=compiler("inference"),
-        keep_inference_input_mutations=True,
-    )(gm, example_inputs)
+    def aot() -> Callable[..., Any]:
+        return aot_autograd(
+            fw_compiler=compiler("forward"),
+            bw_compiler=compiler("backward"),
+            inference_compiler=compiler("inference"),
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+    if warm_key is None:
+        return aot()
+    with dynamo_cache.building(warm_key, config):   # ranks compiling the same graph: one compiles, the others reuse it
+        hit = dynamo_cache.lookup(warm_key, config)
+        if hit is not None:
+            if on_compiled is not None:
+                on_compiled(hit)
+            return dynamo_cache.runner(remember(hit))
+        return aot()
 
 
 def _approximate_config(config: Config, example_inputs: list[Any]) -> Config:

@@ -249,3 +249,22 @@ def test_public_api_is_annotated():
                     and fn.__module__ == obj.__module__:
                 missing += unannotated(fn, f"{name}.")
     assert not missing, "unannotated public API:\n  " + "\n  ".join(missing)
+
+
+def test_inputs_that_require_grad_run_a_differentiable_path_with_one_warning():
+    m = Block().eval()
+    x = torch.randn(2, 8, 32)
+    opt = fusion.optimize(m, (x,))
+    xg = x.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="inputs that require grad run the original module"):
+        y = opt(xg)
+    y.sum().backward()
+    ref = x.clone().requires_grad_()
+    m(ref).sum().backward()
+    assert torch.allclose(xg.grad, ref.grad, atol=1e-6)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt(xg)                                  # once per module
+        with torch.no_grad():
+            assert opt(xg).grad_fn is None       # under no_grad: the optimized program

@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("fusion.capture",),                                                   # export, normalize
     ("fusion.costmodel",),                                                 # hardware, roofline, calibration
     ("fusion.workloads",),                                                 # built-in blocks and micro cases
-    ("fusion.store.cache", "fusion.store.serialize"),                      # cache dir, atomic writes, graph <-> JSON
+    ("fusion.store.cache", "fusion.store.serialize", "fusion.store.trust",
+     "fusion.store.bounded"),                 # cache dir, atomic writes, signatures, size limit, graph <-> JSON
     ("fusion.dialect",),                                                   # fused ops, value helpers, graph walks
     ("fusion.config", "fusion.errors", "fusion.progress"),                 # the ground everything stands on
 ]

@@ -20,7 +20,7 @@ from fusion.costmodel import calibrate as calibration
 from fusion.costmodel.calibrate import SCHEMA
 from fusion.costmodel import hardware
 from fusion.costmodel.hardware import ONEDNN_KEY, HardwareProfile, machine_key
-from fusion.store.cache import atomic_write, cache_dir as _cache_dir
+from fusion.store.cache import atomic_write, cache_dir as _cache_dir, exclusive
 
 MB = 1 << 20
 _MEMO: dict[str, HardwareProfile] = {}
@@ -101,25 +101,19 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
     memo_key = f"{path}|{scale}"
     if not force and memo_key in _MEMO:
         return _MEMO[memo_key]
-    hw = None
-    if not force and path.is_file():
-        try:
-            hw = profile_from_json(json.loads(path.read_text()))
-            if hw.key and hw.key != machine_key():
-                hw = None
-            elif hw.schema < SCHEMA and not hardware.is_noisy(hardware.load_average()):
-                hw = None                              # older schema: re-measure, but only on a quiet machine
-        except (OSError, ValueError, TypeError):
-            hw = None                                  # corrupt or from an older schema: re-measure
+    hw = None if force else _stored(path)
     # A profile measured on a busy machine is kept (its load is recorded and reported): re-measuring
     # behind the user's back would put a 256 MB, multi-second measurement inside some later compile.
     # `python -m fusion calibrate --force` re-measures on purpose.
     if hw is None:
-        hw = measure()
-        try:
-            save_profile(hw, path)
-        except OSError as e:                           # read-only home etc.: keep the in-memory profile
-            print(f"costmodel: could not store the profile at {path}: {e}", file=sys.stderr)
+        with exclusive(path):     # processes starting together on a new machine: one measures, all use it
+            hw = None if force else _stored(path)
+            if hw is None:
+                hw = measure()
+                try:
+                    save_profile(hw, path)
+                except OSError as e:                   # read-only home etc.: keep the in-memory profile
+                    print(f"costmodel: could not store the profile at {path}: {e}", file=sys.stderr)
     elif ONEDNN_KEY not in hw.gemm_flops:              # a profile from before the GEMM-library choice:
         ratio = calibration._onednn_over_mkl(512, 3)               # measure the ratio now, scale the stored MKL rate
         if ratio:
@@ -130,6 +124,21 @@ def load_or_calibrate(cache_dir: str | None = None, *, force: bool = False, scal
             except OSError:
                 pass
     _MEMO[memo_key] = hw
+    return hw
+
+
+def _stored(path: Path) -> HardwareProfile | None:
+    """The profile stored at `path` when it is this machine's and usable, else None (measure it)."""
+    if not path.is_file():
+        return None
+    try:
+        hw = profile_from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None                                    # corrupt or from an older schema: re-measure
+    if hw.key and hw.key != machine_key():
+        return None
+    if hw.schema < SCHEMA and not hardware.is_noisy(hardware.load_average()):
+        return None                                    # older schema: re-measure, but only on a quiet machine
     return hw
 
 

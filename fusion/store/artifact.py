@@ -18,10 +18,8 @@ Only C++ kernels are stored; a program with Triton kernels or graph constants (`
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -174,28 +172,45 @@ def _counts(log: CompileLog) -> dict:
 
 
 # ------------------------------------------------------------------------------------- output structure
+#: packages whose modules may be imported to resolve an output type that is not registered yet (HF's
+#: ModelOutput classes register themselves with pytree when their module is imported); any other type must
+#: already be registered in the loading process
+IMPORTABLE = ("transformers",)
+
+
 def dump_spec(spec: Any) -> dict:
-    """The output structure: pytree's JSON where its types are registered for it, and a pickle of the
-    TreeSpec (model output classes such as HF's ModelOutput: the class must be importable at load)."""
-    out: dict = {}
+    """The output structure as pytree's JSON (types by their registered names, contexts as JSON): never a
+    pickle, so loading it can only name types the loading process has registered."""
     try:
-        out["json"] = pytree.treespec_dumps(spec)  # readable; needs the types registered at load time
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        out["pickle"] = base64.b64encode(pickle.dumps(spec)).decode()  # imports the output classes itself
+        return {"json": pytree.treespec_dumps(spec)}
     except Exception as e:  # noqa: BLE001
-        if not out:
-            raise TypeError(f"the model's output structure cannot be saved ({e}); return tensors or tuples") from None
-    return out
+        raise TypeError(f"the model's output structure cannot be saved as JSON ({e}); return tensors, tuples, "
+                        f"lists, dicts or a pytree-registered type (HF ModelOutput is)") from None
 
 
 def load_spec(d: dict) -> Any:
-    if "json" in d:
-        try:
-            return pytree.treespec_loads(d["json"])
-        except Exception:  # noqa: BLE001 - e.g. a model output class not registered in this process
-            if "pickle" not in d:
-                raise
-    # written by save_program into a directory the user chose to load, or into the private cache dir
-    return pickle.loads(base64.b64decode(d["pickle"]))
+    """The TreeSpec `dump_spec` wrote. A stored pickle is refused (ValueError), never unpickled."""
+    if "json" not in d:
+        raise ValueError("it is stored as a pickle, which fusion never loads; save the program again with this "
+                         "version (output structures are JSON now)")
+    try:
+        return pytree.treespec_loads(d["json"])
+    except Exception:  # noqa: BLE001 - e.g. a model output class whose module is not imported yet
+        _import_output_types(d["json"])
+        return pytree.treespec_loads(d["json"])
+
+
+def _import_output_types(text: str) -> None:
+    """Import the modules of the output types `text` names that belong to an IMPORTABLE package (installed
+    code, imported by name; nothing from the file runs)."""
+    import importlib
+    import importlib.util
+    import re
+
+    for name in set(re.findall(r'"type": "([A-Za-z_][A-Za-z0-9_.]*)"', text)):
+        mod = name.rpartition(".")[0]
+        if mod.split(".")[0] in IMPORTABLE and importlib.util.find_spec(mod.split(".")[0]) is not None:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                pass

@@ -113,6 +113,11 @@ def _path(k: str, config: Config) -> Path:
     return cache.subdir("dynamo", config.cache_dir) / f"{k}.json"
 
 
+def building(k: str, config: Config) -> Any:
+    """The lock a process holds while it compiles the graph of key `k` (fusion.store.cache.exclusive)."""
+    return cache.exclusive(_path(k, config))
+
+
 def store(k: str, compiled: Any, config: Config) -> bool:
     """Write the entry; never raises (not caching is always correct)."""
     if compiled.log.fallbacks or compiled.log.approx is not None:

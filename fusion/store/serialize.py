@@ -2,6 +2,13 @@
 
 Only structure goes in: ops, argument structure, shapes, dtypes, strides. Never tensor data — weights
 are placeholders, referenced by name (seed 000).
+
+Reading is strict, since a graph read from disk is called: a node may only be a placeholder, the output, a
+call of a submodule the reader supplies (a kernel it bound itself), or a call of an op on the allowlist —
+the tensor-op namespaces below (less the few ops that touch files or print) and a short list of named
+Python functions. Anything else (an arbitrary `py:` callable, `call_method`, `get_attr`, a dtype that is
+not one) raises `UnsafeGraphError` and nothing of the graph runs. Writing refuses the same targets, so no
+cache entry is made that could not be read.
 """
 from __future__ import annotations
 
@@ -15,6 +22,25 @@ import torch.fx as fx
 
 FORMAT_VERSION = 1
 
+#: op namespaces a stored graph may call (tensor computation only)
+SAFE_NAMESPACES = frozenset({"aten", "prims", "fusion", "mkldnn", "mkl", "onednn", "quantized", "_quantized"})
+#: ops of those namespaces that reach outside the tensors (files, the console)
+UNSAFE_OPS = frozenset({"aten::from_file", "aten::save", "aten::_print", "aten::warn"})
+#: the Python callables a stored graph may call, by the name `_target_name` writes
+SAFE_CALLABLES = frozenset(
+    {f"py:_operator.{f}" for f in ("add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pow", "eq", "ne",
+                                   "lt", "le", "gt", "ge")}
+    | {f"py:math.{f}" for f in ("ceil", "floor", "sqrt", "exp", "log", "trunc")}
+    # the pure tensor functions the passes put in graphs (tests/test_hostile.py checks each resolves)
+    | {"py:fusion.dialect.stacked.stacked_linear_impl", "py:fusion.passes.attention.decomposed_attention",
+       "py:fusion.lower.schedule.rotate_half"}
+)
+NODE_OPS = frozenset({"placeholder", "output", "call_function", "call_module"})
+
+
+class UnsafeGraphError(ValueError):
+    """A stored graph names something a graph read from disk may not call."""
+
 
 def _target_name(target: Any) -> str:
     if target is operator.getitem:
@@ -26,26 +52,40 @@ def _target_name(target: Any) -> str:
     if isinstance(target, str):
         return target
     mod = getattr(target, "__module__", "")
-    return f"py:{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+    name = f"py:{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+    if name not in SAFE_CALLABLES:
+        raise TypeError(f"{name[3:]} is not on the list of callables a stored graph may call")
+    return name
 
 
-def _resolve_target(name: str) -> Any:
+def _resolve_target(name: str, op: str = "call_function") -> Any:
+    if op == "call_module":
+        return name                              # looked up in the reader's own modules only
     if name == "operator.getitem":
         return operator.getitem
     if name.startswith("py:"):
+        if name not in SAFE_CALLABLES:
+            raise UnsafeGraphError(f"the graph calls {name[3:]!r}, which a stored graph may not call")
         import importlib
 
-        path = name[3:]
-        mod, _, attr = path.rpartition(".")
-        obj: Any = importlib.import_module(mod)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    if "::" not in name:
-        return name
-    ns, rest = name.split("::", 1)
-    op, _, overload = rest.partition(".")
-    return getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+        mod, _, attr = name[3:].rpartition(".")
+        return getattr(importlib.import_module(mod), attr)
+    ns, sep, rest = name.partition("::")
+    if not sep or ns not in SAFE_NAMESPACES or name.split(".")[0] in UNSAFE_OPS:
+        raise UnsafeGraphError(f"the graph calls {name!r}, which a stored graph may not call")
+    op_name, _, overload = rest.partition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, ns), op_name), overload or "default")
+    except (AttributeError, RuntimeError):
+        raise UnsafeGraphError(f"the graph calls {name!r}, which this torch does not have") from None
+
+
+def _torch_attr(name: Any, kind: type) -> Any:
+    """torch.<name> when it is a `kind` (a dtype, a memory format, a layout), else UnsafeGraphError."""
+    v = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not isinstance(v, kind):
+        raise UnsafeGraphError(f"{name!r} is not a torch {kind.__name__}")
+    return v
 
 
 def _enc(a: Any) -> Any:
@@ -86,11 +126,13 @@ def _dec(a: Any, env: dict[str, fx.Node]) -> Any:
         if k == "d":
             return {kk: _dec(vv, env) for kk, vv in v.items()}
         if k == "dtype":
-            return getattr(torch, v)
+            return _torch_attr(v, torch.dtype)
         if k == "device":
             return torch.device(v)
-        if k in ("memory_format", "layout"):
-            return getattr(torch, v)
+        if k == "memory_format":
+            return _torch_attr(v, torch.memory_format)
+        if k == "layout":
+            return _torch_attr(v, torch.layout)
         if k == "f":
             return float(v)
     return a
@@ -134,13 +176,15 @@ def graph_from_dict(data: dict, placeholder_vals: list[Any] | None = None,
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
     for d in data["nodes"]:
+        if d["op"] not in NODE_OPS or (d["op"] == "call_module" and d["target"] not in (root or {})):
+            raise UnsafeGraphError(f"node {d.get('name')!r}: a stored graph may not hold a {d['op']} of {d.get('target')!r}")
         args, kwargs = _dec(d["args"], env), _dec(d["kwargs"], env)
         if d["op"] == "placeholder":
             node = g.placeholder(d["name"])
         elif d["op"] == "output":
             node = g.output(args[0])
         else:
-            node = g.create_node(d["op"], _resolve_target(d["target"]), args, kwargs, name=d["name"])
+            node = g.create_node(d["op"], _resolve_target(d["target"], d["op"]), args, kwargs, name=d["name"])
         env[d["name"]] = node
     gm = fx.GraphModule(root if root else torch.nn.Module(), g)
     if placeholder_vals is not None:
@@ -160,7 +204,7 @@ def fake_placeholders(data: dict) -> list[Any]:
         m = node["meta"]
         with mode:
             vals.append(torch.empty_strided([int(s) for s in m["shape"]], [int(s) for s in m["stride"]],
-                                            dtype=getattr(torch, m["dtype"])))
+                                            dtype=_torch_attr(m["dtype"], torch.dtype)))
     return vals
 
 

@@ -230,6 +230,11 @@ def _path(key: str, config: Config) -> Path:
     return cache.subdir("modules", config.cache_dir) / f"{key}.json"
 
 
+def building(key: str, config: Config) -> Any:
+    """The lock a process holds while it compiles the program for `key` (fusion.store.cache.exclusive)."""
+    return cache.exclusive(_path(key, config))
+
+
 @dataclass
 class Hit:
     captured: Captured     # bindings and output structure (no graph, no ExportedProgram: nothing was captured)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Mapping
@@ -49,20 +50,49 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
 
 
 def load_safetensors_mmap(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors that are views of a private (copy-on-write) mapping of the file: nothing is read up front."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    """Tensors that are views of a private (copy-on-write) mapping of the file: nothing is read up front.
+    A file that is not whole safetensors (truncated, a header that does not parse, a tensor outside the
+    file or of the wrong size) raises FusionInputError naming it."""
+    from fusion.errors import FusionInputError
+
+    def bad(why: str) -> FusionInputError:
+        return FusionInputError(f"{path} is not a whole safetensors file ({why}); save the program again")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise bad(f"{size} bytes")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise bad(f"its header claims {n} bytes, the file has {size}")
+            header = json.loads(f.read(n))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    except OSError as e:
+        raise FusionInputError(f"{path} cannot be read ({e})") from None
+    except ValueError as e:      # json and unicode errors
+        raise bad(f"header: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is no table")
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
     header.pop("__metadata__", None)
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = _FROM[info["dtype"]]
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            dtype = _FROM[info["dtype"]]
+            shape = [int(v) for v in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {name!r} is malformed") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base or \
+                end - start != numel * torch.empty((), dtype=dtype).element_size():
+            raise bad(f"tensor {name!r} of shape {shape} does not fit bytes {start}..{end} of the data")
         if end == start:
-            out[name] = torch.empty(info["shape"], dtype=dtype)
+            out[name] = torch.empty(shape, dtype=dtype)
             continue
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=base + start)
-        out[name] = flat.view(dtype).reshape(info["shape"])
+        out[name] = flat.view(dtype).reshape(shape)
     return out
