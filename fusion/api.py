@@ -75,14 +75,16 @@ class OptimizedModule(torch.nn.Module):
         self._symbolic_tries = 0
 
     # -- construction ----------------------------------------------------------------------------
-    def _from_structural_cache(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bool, str | None]:
+    def _from_structural_cache(self, args: Sequence[Any], kwargs: dict[str, Any],
+                               key: str | None = None) -> tuple[bool, str | None]:
         """Look the module up in the structural cache before capturing it (fusion/store/structural.py).
-        Returns (hit, key): on a hit the variant is ready; on a miss, `key` is where to store it."""
+        Returns (hit, key): on a hit the variant is ready; on a miss, `key` is where to store it. `key`: the
+        module's signature when already computed (a second look after waiting on another process's lock)."""
         if kwargs:
             return False, None
         t0 = time.perf_counter()
         try:
-            key = structural.signature(self.original, args, self.config)
+            key = key or structural.signature(self.original, args, self.config)
             hit = structural.lookup(key, self.original, self.config)
         except Exception as e:  # noqa: BLE001 - the cache is an optimisation: capture as usual
             structural.log.debug("structural cache skipped: %s: %s", type(e).__name__, e)
@@ -372,7 +374,7 @@ def optimize(model: torch.nn.Module, example_inputs: ExampleInputs, config: Conf
     if key is None:
         return _capture_and_compile(opt, model, example_inputs, config, None, t0)
     with structural.building(key, config):    # processes optimizing the same architecture: one compiles it
-        hit, key = opt._from_structural_cache(example_inputs, {})
+        hit, key = opt._from_structural_cache(example_inputs, {}, key)
         if hit:                               # another process stored it while this one waited
             opt.capture_seconds = time.perf_counter() - t0
             return opt

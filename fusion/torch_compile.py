@@ -50,10 +50,13 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, confi
         hit = dynamo_cache.lookup(warm_key, config) if warm_key is not None else None
     except Exception:  # noqa: BLE001 - the cache is an optimisation: compile the usual way
         warm_key, hit = None, None
-    if hit is not None:
+    def warm(hit: CompiledGraph) -> Callable[..., Any]:
         if on_compiled is not None:
             on_compiled(hit)
         return dynamo_cache.runner(remember(hit))
+
+    if hit is not None:
+        return warm(hit)
 
     def compiler(label: str):
         def compile_fn(graph: fx.GraphModule, inputs: list[Any]) -> Any:
@@ -83,11 +86,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, confi
         return aot()
     with dynamo_cache.building(warm_key, config):   # ranks compiling the same graph: one compiles, the others reuse it
         hit = dynamo_cache.lookup(warm_key, config)
-        if hit is not None:
-            if on_compiled is not None:
-                on_compiled(hit)
-            return dynamo_cache.runner(remember(hit))
-        return aot()
+        return warm(hit) if hit is not None else aot()
 
 
 def _approximate_config(config: Config, example_inputs: list[Any]) -> Config:

@@ -9,8 +9,8 @@
     clear(root)                    remove every entry (`python -m fusion cache clear`)
 
 An entry is one file (with its lock, when one was taken), except a kernel library, whose source, library
-and build record (<key>.cpp/.so/.sig) go together. Never evicted or cleared: the directory's trust key and the calibrated hardware profiles
-(profiles/: measuring them takes a minute; `clear --all` removes them too). A library evicted while a
+and build record (<key>.cpp/.so/.sig) go together. Never evicted or cleared: the directory's trust key and
+the calibrated hardware profiles (profiles/: measuring them takes a minute; `clear --all` removes them too). A library evicted while a
 process has it loaded stays mapped in that process; the next process that needs it rebuilds it.
 """
 from __future__ import annotations

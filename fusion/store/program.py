@@ -117,6 +117,7 @@ def save_program(opt: SavableProgram, path: str | Path) -> Path:
         dumped = None
     for old in out.glob("kernels*.cpp"):
         old.unlink()
+    sources: list[str] = []
     if dumped is not None:
         lowered, sources = dumped
         lowered = {k: v for k, v in lowered.items() if k not in ("program", "source")}  # "graph" above
@@ -126,8 +127,7 @@ def save_program(opt: SavableProgram, path: str | Path) -> Path:
             (out / name).write_text(text)
     root = cache.cache_dir(opt.config.cache_dir)
     program["signature"] = {"key": trust.key_id(root), "program": trust.sign([_canonical(program)], root),
-                            "sources": [trust.sign([text.encode()], root) for text in sources]
-                            if dumped is not None else []}
+                            "sources": [trust.sign([text.encode()], root) for text in sources]}
     (out / "program.json").write_text(json.dumps(program, indent=1))
     (out / "program.py").write_text(f"# {type(opt.original).__name__}, optimized by fusion (rewritten graph)\n"
                                     + graph.program_gm.code)

@@ -7,6 +7,7 @@ are views of the mapping, so RSS grows only as pages are touched (seed 000: memo
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -84,11 +85,8 @@ def load_safetensors_mmap(path: str | Path) -> dict[str, torch.Tensor]:
             shape = [int(v) for v in info["shape"]]
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} is malformed") from None
-        numel = 1
-        for d in shape:
-            numel *= d
         if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base or \
-                end - start != numel * torch.empty((), dtype=dtype).element_size():
+                end - start != math.prod(shape) * dtype.itemsize:
             raise bad(f"tensor {name!r} of shape {shape} does not fit bytes {start}..{end} of the data")
         if end == start:
             out[name] = torch.empty(shape, dtype=dtype)

@@ -71,18 +71,14 @@ def build(source: str, cache: str | None = None, cxx: str | None = None) -> tupl
     key = source_key(source, cxx)
     root = _cache.subdir("kernels", cache)
     cpp, so = root / f"{key}.cpp", root / f"{key}.so"
-    if so.exists() and _verified(so):
-        bounded.used(so)
-        if not cpp.exists():
-            _cache.atomic_write(cpp, source.encode())
+    if _reusable(so, cpp, source):
         return str(cpp), str(so)
     with _cache.exclusive(so):          # processes building the same library: one compiles, the others reuse it
-        if so.exists():
-            if _verified(so):
-                return str(cpp), str(so)
-            if _sig_path(so).exists():  # (no record at all: a cache from before records were kept; rebuilt quietly)
-                warnings.warn(f"fusion: the kernel library {so} does not match the build recorded for it (modified "
-                              f"or replaced); it is not loaded but rebuilt from its source", stacklevel=2)
+        if _reusable(so, cpp, source):
+            return str(cpp), str(so)
+        if so.exists() and _sig_path(so).exists():  # (no record: a cache from before records; rebuilt quietly)
+            warnings.warn(f"fusion: the kernel library {so} does not match the build recorded for it (modified "
+                          f"or replaced); it is not loaded but rebuilt from its source", stacklevel=2)
         _cache.atomic_write(cpp, source.encode())   # the source handed in, whatever a .cpp of that name held
         with _cache.atomic_path(so) as tmp:  # the compiler writes the temporary file; renamed when it succeeds
             cmd = [cxx, *FLAGS, str(cpp), "-o", str(tmp)]
@@ -92,6 +88,16 @@ def build(source: str, cache: str | None = None, cxx: str | None = None) -> tupl
             os.chmod(tmp, 0o600)
             _record(so, trust.file_hash(tmp))
     return str(cpp), str(so)
+
+
+def _reusable(so: Path, cpp: Path, source: str) -> bool:
+    """The cached build of `source` verifies: mark it used (and restore its readable .cpp if evicted)."""
+    if not (so.exists() and _verified(so)):
+        return False
+    bounded.used(so)
+    if not cpp.exists():
+        _cache.atomic_write(cpp, source.encode())
+    return True
 
 
 def _sig_path(so: Path) -> Path:
