@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Triton kernels run on CPU tensors under the interpreter in CI; it must be set before triton is imported
@@ -8,8 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-# Every test run gets its own kernel cache unless one is given, so CI starts cold and runs are isolated.
-os.environ.setdefault("FUSION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fusion-test-cache-{os.getuid()}"))
+# Every test session gets its own empty cache directory, removed at exit, so a run never sees what an earlier
+# run (or the user's own FUSION_CACHE_DIR) left behind: tests that assert a cold compile stay true on a machine
+# that ran the suite before. FUSION_TEST_CACHE_DIR names one to keep (e.g. to inspect it after a failure).
+_kept = os.environ.get("FUSION_TEST_CACHE_DIR")
+os.environ["FUSION_CACHE_DIR"] = _kept or tempfile.mkdtemp(prefix="fusion-test-cache-")
+if not _kept:
+    atexit.register(shutil.rmtree, os.environ["FUSION_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from fusion.workloads.micro import FunctionModule as Fn  # noqa: E402  (after TRITON_INTERPRET is set)

@@ -167,9 +167,10 @@ def test_capture_failure_falls_back(monkeypatch):
     torch.testing.assert_close(opt(x), DataDependent()(x))
 
 
-def test_flat_args_is_the_graph_argument_list(assert_close):
+def test_flat_args_is_the_graph_argument_list(assert_close, tmp_path, monkeypatch):
     """`flat_args(*inputs)` binds each placeholder of the captured graph: weights by reference (read from the
     module at the call), user inputs in order; the rewritten program run on it gives the model's output."""
+    monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path))  # a cold cache: the graph is captured, not restored
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
     x = torch.randn(3, 8)
