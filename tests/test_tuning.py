@@ -210,6 +210,35 @@ def test_time_split_names_where_the_time_goes(tmp_path):
     assert 0 < split["gemm_roofline_fraction"] <= split["gemm_s"] / split["total_s"] * 1.5 + 0.05
 
 
+def test_time_split_of_a_program_from_the_structural_cache_counts_its_gemms(tmp_path):
+    """A second optimize of the architecture restores the program without example values: its products and
+    convolutions still count as GEMM time with the fresh compile's FLOPs (they read as "other" before)."""
+    import fusion
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    for model, x in ((MLPAttention().eval(), torch.randn(4, 16, 256)), (conv, torch.randn(2, 3, 16, 16))):
+        cfg = fusion.Config(cache_dir=str(tmp_path))
+        fresh = fusion.optimize(model, (x,), config=cfg).time_split()
+        opt = fusion.optimize(model, (x,), config=cfg)
+        assert opt.capture_method == "structural cache"
+        again = opt.time_split()
+        assert again["gemm_flops"] == pytest.approx(fresh["gemm_flops"]) and fresh["gemm_flops"] > 0
+        assert again["gemm_s"] > 0.5 * again["total_s"] * fresh["gemm_s"] / fresh["total_s"], (fresh, again)
+
+
+def test_the_gemm_roofline_rate_is_a_matrix_product_rate():
+    """Attention's calibrated rate (which counts the FLOPs a causal kernel skips) is not a GEMM rate: the
+    roofline takes the fastest plain-product rate (profile keys float32 / float32_onednn)."""
+    from fusion.analysis.timing import NodeStats, time_split
+
+    hw = dataclasses.replace(DEFAULT_PROFILE, gemm_flops={"float32": 1e11, ONEDNN_KEY: 2e11,
+                                                          "float32_attention": 9e11, "float32_bmm": 5e10})
+    stats = [NodeStats("mm", "mm.default", 2e9, 0, 0, 0, 0.0, 0.02, "aten", 2e9)]
+    split = time_split(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()), stats, hw)
+    assert split["gemm_roofline_s"] == pytest.approx(2e9 / 2e11) and split["gemm_roofline_fraction"] == pytest.approx(0.5)
+
+
 def test_gemm_roofline_uses_the_rate_measured_at_the_shape(tmp_path):
     """A tuning record that says this CPU runs the model's products 100x faster than its profile's rate
     moves the roofline (the rate at the node's own shape counts, not only the profile's square product)."""

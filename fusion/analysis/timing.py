@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from fusion.costmodel.hardware import ONEDNN_KEY
+
 _FREE = {"placeholder", "output", "get_attr"}
 
 
@@ -46,6 +48,17 @@ class NodeStats:
 
 
 
+def _meta_like(value: Any) -> Any:
+    """`value` with every tensor replaced by a meta-device tensor of its shape, stride and dtype."""
+    if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, tuple):
+        return tuple(_meta_like(v) for v in value)
+    if isinstance(value, list):
+        return [_meta_like(v) for v in value]
+    return value
+
+
 def measure_nodes(gm: fx.GraphModule, args: Sequence[Any], repeat: int = 3, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each node run alone (after its first run) as the graph runs node by node, after
     `warmup` calls of the whole graph (first calls pay one-time costs: allocator, thread pool, caches)."""
@@ -57,6 +70,8 @@ def measure_nodes(gm: fx.GraphModule, args: Sequence[Any], repeat: int = 3, warm
     class Timer(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
+            if "val" not in n.meta:       # a program restored without its example values (the structural
+                n.meta["val"] = _meta_like(out)   # cache): its shapes, so its FLOPs are counted as the fresh one's
             if n.op in _FREE:
                 return out
             samples = []
@@ -108,6 +123,8 @@ def graph_stats(gm: fx.GraphModule, args: Sequence[Any] | None, hw: Any, kernels
 
 
 
+#: the calibrated fp32 rates (fusion.costmodel.calibrate) of plain matrix products: ATen/MKL and oneDNN
+GEMM_RATE_KEYS = ("float32", ONEDNN_KEY)
 ATTENTION_OPS = ("attention.", "scaled_dot_product", "_scaled_dot_product", "decomposed_attention")
 _LINEARS = {"mm.default": "mm", "addmm.default": "addmm", "_linear_pointwise.default": "linear"}
 
@@ -152,7 +169,8 @@ def time_split(gm: fx.GraphModule, stats: Sequence[NodeStats], hw: Any, cache_di
     from fusion.passes.gemm import GemmTuner
 
     rates = getattr(hw, "gemm_flops", None) or {}
-    best = max([r for key, r in rates.items() if key.startswith("float32")] or [1e11])
+    # the matrix-product rates only: attention's calibrated rate counts the FLOPs a causal kernel skips
+    best = max([rates[key] for key in GEMM_RATE_KEYS if rates.get(key)] or [1e11])
     tuner = GemmTuner(cache_dir, measure=False)
     by_name = {n.name: n for n in gm.graph.nodes}
     split = {"gemm": 0.0, "attention": 0.0, "fused": 0.0, "other": 0.0}
