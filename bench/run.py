@@ -139,8 +139,12 @@ def _run_case(case: Case, variants, args, copy_bw: float, hw=None) -> dict:
             except Exception as e:
                 rec["pred_error"] = _short(e)
         micro = case.kind == "micro"
-        for v in variants:
+        for i, v in enumerate(variants):
             torch._dynamo.reset()
+            if i:       # each variant its own model (make() is seeded: the same weights): fusion converts
+                del fn, inputs      # weights in place (channels-last convolutions), which no peer may see
+                gc.collect()
+                fn, inputs = case.make()
             gc.collect()
             r: dict = {}
             try:

@@ -153,7 +153,7 @@ class OptimizedModule(torch.nn.Module):
         params = frozenset(n.name for n, (kind, _) in zip(_placeholders(captured), captured.input_bindings)
                            if kind == "param")
         graph = compile_graph(captured.gm, self.config, label="forward", weights=weights, example_args=flat,
-                              stackable=params)
+                              stackable=params, inference=True)
         structural.store(key, captured, graph, self.config)
         if pattern is None:
             self._add_variant(captured, graph, args, kwargs)
@@ -176,14 +176,17 @@ class OptimizedModule(torch.nn.Module):
     def _stack_weights(self, graph: CompiledGraph, accessors: list[Accessor | None]) -> None:
         """The weights of each merged product group (`fusion.stacked_linear`, fusion/passes/merge.py) become
         adjacent rows of one block, in place, group by group (fusion.dialect.stacked.make_adjacent), so the merged
-        GEMM reads them as one zero-copy view. A group that cannot be moved runs as separate GEMMs (correct)."""
+        GEMM reads them as one zero-copy view. A group that cannot be moved runs as separate GEMMs (correct).
+        The weights a channels-last program reads (fusion/passes/layout.py) become channels-last in place."""
         from fusion.dialect.stacked import groups_of, make_adjacent
+        from fusion.passes.layout import channels_last_weights, to_channels_last_
 
+        phs = [n.name for n in graph.gm.graph.nodes if n.op == "placeholder"]
+        live = {ph: acc for ph, acc in zip(phs, accessors) if acc is not None}
+        to_channels_last_([live[n]() for n in channels_last_weights(graph.gm) if n in live])
         groups = groups_of(graph.gm)
         if not groups:
             return
-        phs = [n.name for n in graph.gm.graph.nodes if n.op == "placeholder"]
-        live = {ph: acc for ph, acc in zip(phs, accessors) if acc is not None}
         outcome = graph.log.rewrite_stats.setdefault("stacked_weights", {})
         for names in groups:
             if not all(n in live for n in names):

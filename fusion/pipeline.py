@@ -57,6 +57,7 @@ class CompileLog:
     onednn_gemms: int = 0                                # fp32 GEMMs moved to oneDNN (fusion/passes/gemm.py)
     gemm_tuning: dict = field(default_factory=dict)      # products timed at compile time (fusion/costmodel/tuning.py)
     attention_forms: dict = field(default_factory=dict)  # {"sdpa": n, "decomposed": m} (fusion/passes/attention.py)
+    layout: dict = field(default_factory=dict)           # convolutions' layout and its measured times (passes/layout.py)
     coverage: list = field(default_factory=list)         # softmax/norm/... sites, fused or not (analysis/coverage.py)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, config: Config, fallback: Any) -> Any:
@@ -193,6 +194,7 @@ class Context:
     plan: Any = None                           # lower.KernelPlan, from lower to build
     backend: Any = None                        # backends.Backend, chosen by lower
     tuner: Any = None                          # passes.gemm.GemmTuner: measured GEMM times (merge, gemm)
+    inference: bool = False                    # an inference graph (no autograd): layouts may change
 
     def gemm_tuner(self) -> Any:
         """The graph's GEMM tuner (one budget for merge and gemm); None with Config(tune=False)."""
@@ -237,6 +239,14 @@ def merge_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     if merged.decisions:
         info["rewrite_stats"] = {"shared_matmul": merged.decisions}
     return PassResult(merged.gm if merged.fired else None, info)
+
+
+def layout_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    from fusion.passes.layout import channels_last
+
+    tuner = ctx.gemm_tuner()                      # convolution nets channels-last where measured faster
+    out, info = channels_last(gm, ctx.config.cache_dir, tuner.budget, ctx.hw)
+    return PassResult(out if out is not gm else None, {"layout": info} if info else {})
 
 
 def prepare_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -292,6 +302,10 @@ def _merging(ctx: Context) -> bool:
         and not ctx.config.approximate & {"int8", "bf16"}      # those rewrite the linears themselves
 
 
+def _relayouting(ctx: Context) -> bool:
+    return ctx.inference and ctx.config.tune and "channels_last" not in ctx.config.disable_rules
+
+
 def _lowering(ctx: Context) -> bool:
     return ctx.config.codegen != "aten"
 
@@ -322,6 +336,7 @@ PASSES: list[tuple[str, Pass, Callable[[Context], bool], Callable[[Context, fx.G
     ("rewrite", rewrite_pass, lambda ctx: ctx.config.rewrites, _same),
     ("approximate", approximate_pass, _approximating, _exact),
     ("merge", merge_pass, _merging, _same),
+    ("layout", layout_pass, _relayouting, _same),
     ("prepare", prepare_pass, _lowering, _unlowered),
     ("lower", lower_pass, _lowering, _unlowered),
     ("build", build_pass, _planned, _unlowered),
@@ -330,25 +345,28 @@ PASSES: list[tuple[str, Pass, Callable[[Context], bool], Callable[[Context, fx.G
 ]
 
 #: the passes whose graph is the program as rewritten (before lowering): the run-time fallback
-_BEFORE_LOWERING = ("normalize", "rewrite", "approximate", "merge")
+_BEFORE_LOWERING = ("normalize", "rewrite", "approximate", "merge", "layout")
 
 
 def compile_graph(gm: fx.GraphModule, config: Config, *, label: str = "forward", hw: Any = None,
                   weights: dict | None = None, example_args: list | None = None,
-                  stackable: frozenset[str] | None = None, hold_weights: bool = False) -> CompiledGraph:
+                  stackable: frozenset[str] | None = None, hold_weights: bool = False,
+                  inference: bool | None = None) -> CompiledGraph:
     """Optimize one ATen FX graph (every node with meta["val"]) into a callable that runs fused kernels:
-    the passes of `PASSES` in order — normalize, rewrite, approximate, merge, prepare, lower, build, gemm,
-    attention.
+    the passes of `PASSES` in order — normalize, rewrite, approximate, merge, layout, prepare, lower, build,
+    gemm, attention.
 
     `weights` (placeholder name -> live tensor) and `example_args` (the full flat argument list) are
     needed only by the approximate stage, which measures accuracy and converts weights in place (or, with
     `hold_weights` — torch.compile — holds the converted weights and releases the fp32 ones: approx/held.py).
     `stackable`: placeholders (parameters) the caller makes adjacent in place when the program merges their
     products (fusion.optimize: `fusion.dialect.stacked.make_adjacent`); only they can be merged (`passes.merge`).
+    `inference` (default: label == "inference"): a graph without autograd, whose caller converts the weights
+    the program reads channels-last in place (fusion.passes.layout.channels_last_weights).
     """
     log = CompileLog(label, num_nodes=len(gm.graph.nodes))
     ctx = Context(config, hw if hw is not None else hardware(config), log, weights, example_args, stackable,
-                  hold_weights, original=gm)
+                  hold_weights, original=gm, inference=label == "inference" if inference is None else inference)
     for name, run, when, fallback in PASSES:
         if not when(ctx):
             continue

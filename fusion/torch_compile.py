@@ -53,7 +53,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, confi
     def warm(hit: CompiledGraph) -> Callable[..., Any]:
         if on_compiled is not None:
             on_compiled(hit)
-        return dynamo_cache.runner(remember(hit))
+        return dynamo_cache.runner(_weights_channels_last(remember(hit), hit.gm))
 
     if hit is not None:
         return warm(hit)
@@ -70,6 +70,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], asked: Config, confi
                 dynamo_cache.store(warm_key, compiled, config)
             if asked.approximate and not config.approximate and label == "forward":
                 return make_boxed_func(_refusing_released(compiled, example_inputs))
+            if label == "inference":
+                return make_boxed_func(_weights_channels_last(compiled, compiled.gm))
             return make_boxed_func(compiled)
 
         return compile_fn
@@ -134,6 +136,31 @@ def _refusing_released(compiled: Any, example_inputs: list[Any]) -> Any:
 
     run.__wrapped__ = compiled   # type: ignore[attr-defined]
     return run
+
+
+def _weights_channels_last(run: Callable[..., Any], program: fx.GraphModule) -> Callable[..., Any]:
+    """`run`, which at its first call makes the parameters a channels-last program reads
+    (fusion/passes/layout.py) channels-last in place. Not at compile time: Dynamo checks its guards on the
+    frame it compiled, and they hold the weights' NCHW strides. After the first call those guards fail
+    once: Dynamo retraces and the graph of channels-last weights compiles (its conversions are no-ops);
+    until then the program converts them itself (correct either way)."""
+    import torch
+
+    from fusion.passes.layout import channels_last_weights, to_channels_last_
+
+    names = set(channels_last_weights(program))
+    if not names:
+        return run
+    at = [i for i, n in enumerate(n for n in program.graph.nodes if n.op == "placeholder") if n.name in names]
+    pending = [True]
+
+    def call(*args: Any) -> Any:
+        if pending[0]:
+            pending[0] = False
+            to_channels_last_([args[i] for i in at if i < len(args) and isinstance(args[i], torch.nn.Parameter)])
+        return run(*args)
+
+    return call
 
 
 def _bind_real_inputs(graph: fx.GraphModule, example_inputs: list[Any]) -> tuple[dict | None, list | None]:

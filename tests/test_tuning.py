@@ -215,12 +215,14 @@ def test_time_split_of_a_program_from_the_structural_cache_counts_its_gemms(tmp_
     convolutions still count as GEMM time with the fresh compile's FLOPs (they read as "other" before)."""
     import fusion
 
+    def conv():
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+
     torch.manual_seed(0)
-    conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
-    for model, x in ((MLPAttention().eval(), torch.randn(4, 16, 256)), (conv, torch.randn(2, 3, 16, 16))):
+    for build, x in ((lambda: MLPAttention().eval(), torch.randn(4, 16, 256)), (conv, torch.randn(2, 3, 16, 16))):
         cfg = fusion.Config(cache_dir=str(tmp_path))
-        fresh = fusion.optimize(model, (x,), config=cfg).time_split()
-        opt = fusion.optimize(model, (x,), config=cfg)
+        fresh = fusion.optimize(build(), (x,), config=cfg).time_split()
+        opt = fusion.optimize(build(), (x,), config=cfg)   # another instance (a channels-last program converted the first's weights)
         assert opt.capture_method == "structural cache"
         again = opt.time_split()
         assert again["gemm_flops"] == pytest.approx(fresh["gemm_flops"]) and fresh["gemm_flops"] > 0

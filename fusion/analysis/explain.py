@@ -136,6 +136,14 @@ def explain_log(model_name: str, log: CompileLog, config: Any, code: str, n_aten
         lines += ["", f"attention: {forms.get('sdpa', 0)} calls on SDPA, {forms.get('decomposed', 0)} as two batched "
                       "GEMMs + softmax, each the form measured faster at its shape (SDPA without a measurement) "
                       "(fusion/passes/attention.py)"]
+    lay = getattr(log, "layout", {}) or {}
+    if lay:
+        ms = lay.get("measured_ms")
+        why = (f"its {lay.get('ops', 0)} convolutions and pools measured {ms['nchw']:.2f} ms NCHW, "
+               f"{ms['channels_last']:.2f} ms channels-last at their shapes" if ms else "no measurement")
+        extra = (f"; {lay.get('pointwise_nhwc', 0)} pointwise ops on NHWC views, conv weights made channels-last "
+                 "in place" if lay.get("layout") == "channels_last" else "")
+        lines += ["", f"layout: {lay.get('layout')} ({why}{extra}) (fusion/passes/layout.py)"]
     lines += ["", "fallbacks:"]
     lines += [f"  {f}" for f in log.fallbacks] or ["  (none)"]
     lines += ["", "program:", code.strip("\n")]

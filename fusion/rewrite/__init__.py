@@ -35,7 +35,7 @@ from fusion.rewrite.sites import site_alternatives
 #: the e-graph's fused forms, whose presence after saturation the coverage report reads (stats["offered"])
 OFFERED = frozenset({"attention", "softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "silu", "glu"})
 #: rules that are FX passes, not e-graph families (also names for `Config.disable_rules`)
-FX_RULES = ("shared_matmul",)     # fusion/passes/merge.py (run by fusion.pipeline after this stage)
+FX_RULES = ("shared_matmul", "channels_last")  # fusion/passes/merge.py, fusion/passes/layout.py (run by fusion.pipeline after this stage)
 
 __all__ = ["FAMILIES", "RewriteError", "RewriteResult", "rewrite"]
 

@@ -269,7 +269,7 @@ def _recompiled(data: dict[str, Any], config: Config) -> CompiledGraph:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UnsafeGraphError(f"its graph is malformed ({type(e).__name__}: {e})") from None
-    return compile_graph(gm, config, label="forward")
+    return compile_graph(gm, config, label="forward", inference=True)
 
 
 def load(path: str | Path, config: Config | None = None) -> LoadedProgram:

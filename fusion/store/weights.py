@@ -46,7 +46,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
             if not t.is_contiguous():
                 t = t.contiguous()  # one tensor at a time, only for non-contiguous views
             if t.numel():
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # 0-d too (num_batches_tracked)
     return 8 + len(raw) + offset
 
 
