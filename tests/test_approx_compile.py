@@ -56,7 +56,7 @@ def test_torch_compile_options_approximate(kind, w8a8_first):
     (compiled,) = fusion.last_compiled()
     res = compiled.log.approx
     assert res is not None and res.applied and {s.kind for s in res.applied} == {kind}
-    assert [p.name for p in compiled.log.passes][:6] == ["normalize", "rewrite", "approximate", "prepare", "lower", "build"]
+    assert [p.name for p in compiled.log.passes][:7] == ["normalize", "rewrite", "approximate", "layout", "prepare", "lower", "build"]
     assert "approximate rewrites" in fusion.explain_last()
     opt = fusion.optimize(twin, (x,), config=cfg)                       # the same pass through fusion.optimize
     with torch.no_grad():

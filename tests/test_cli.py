@@ -56,7 +56,7 @@ def test_optimize_model_only_factory_json_save_progress(tmp_path):
     assert cmp["after"]["bytes"] < cmp["before"]["bytes"]
     assert doc["kernels"] and all(k["measured_s"] for k in doc["kernels"])
     names = [p["name"] for p in doc["graphs"][0]["passes"] if p["name"] != "merge"]   # merge: shared-input matmuls
-    assert names[:5] == ["normalize", "rewrite", "prepare", "lower", "build"], names
+    assert names[:6] == ["normalize", "rewrite", "layout", "prepare", "lower", "build"], names
     for stage in ("capture", "normalize", "rewrite", "rewrite: saturate", "rewrite: extract", "prepare", "lower", "build", "done"):
         assert stage in r.stderr                 # --progress: one line per pass when stderr is not a terminal
     assert doc["saved"] == str(out) and (out / "program.json").is_file()
