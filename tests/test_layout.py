@@ -39,8 +39,8 @@ class ConvNet(nn.Module):
 
 def faked(monkeypatch, winner: str) -> None:
     """Every layout measurement says `winner` is twice as fast (the real measuring code path, records kept)."""
-    def measure(candidates, rounds=tuning.ROUNDS):
-        return {name: (1e-3 if name == winner else 2e-3) for name in candidates}
+    def measure(candidates, rounds=tuning.ROUNDS):      # a layout-converting copy ("copy") costs 10 us
+        return {name: (1e-5 if name == "copy" else 1e-3 if name == winner else 2e-3) for name in candidates}
 
     monkeypatch.setattr(tuning, "measure", measure)
 
@@ -109,10 +109,11 @@ def test_the_decision_reads_the_tuning_record_of_this_cpu(tmp_path, monkeypatch)
         assert fusion.optimize(m2, (x,), config=cfg).graphs[0].log.layout["layout"] == "channels_last"
     from fusion.store import cache
 
-    entries = list((tmp_path / "tuning").rglob("layout-*.json"))
-    assert len(entries) == 4                                        # 3 convolutions and the pool
-    for entry in entries:                                           # the same entries, saying NCHW wins
-        key = cache.read_json(entry)["key"]
+    entries = [cache.read_json(e) for e in (tmp_path / "tuning").rglob("layout-*.json")]
+    ops = [e for e in entries if "nchw" in e["times"]]
+    assert len(ops) == 4 and len(entries) > 4           # 3 convolutions and the pool; the border copies
+    for entry in ops:                                   # the same entries, saying NCHW wins
+        key = entry["key"]
         tuning.record("layout", key, {"nchw": 1e-3, "channels_last": 2e-3}, str(tmp_path), how="test")
     m3, _ = _model()
     with torch.no_grad():
@@ -202,3 +203,16 @@ def test_explain_says_which_layout_and_why(tmp_path, monkeypatch):
     with torch.no_grad():
         text = fusion.optimize(m, (x,), config=fusion.Config(cache_dir=str(tmp_path))).explain()
     assert "layout: channels_last (its 4 convolutions and pools measured" in text and "channels-last in place" in text
+
+
+def test_border_copies_count_against_channels_last(tmp_path, monkeypatch):
+    """Faster convolutions do not pay for copying the graph's input to channels-last and its outputs back
+    when those copies measured slower than the saving: the graph stays NCHW."""
+    monkeypatch.setattr(tuning, "measure", lambda candidates, rounds=tuning.ROUNDS: {
+        name: {"copy": 5e-3, "channels_last": 1e-3}.get(name, 2e-3) for name in candidates})
+    m, x = _model()
+    with torch.no_grad():
+        opt = fusion.optimize(m, (x,), config=fusion.Config(cache_dir=str(tmp_path)))
+    info = opt.graphs[0].log.layout
+    assert info["layout"] == "nchw" and info["conversions"] >= 2, info
+    assert all(w.is_contiguous() for w in _conv_weights(m))

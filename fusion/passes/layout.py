@@ -73,7 +73,9 @@ def layout_times(n: fx.Node, cache_dir: str | None, budget: Any, hw: Any = None)
 
 
 def channels_last(gm: fx.GraphModule, cache_dir: str | None, budget: Any, hw: Any = None) -> tuple[fx.GraphModule, dict]:
-    """The graph in channels-last layout when its convolutions measured faster so; (gm, info)."""
+    """The graph in channels-last layout when its convolutions and pools, plus the copies that convert
+    data at the layout's borders (graph inputs read channels-last, outputs returned NCHW), measured faster
+    so than the NCHW graph; (gm, info)."""
     sensitive = [n for n in gm.graph.nodes if _eligible(n) or _pool(n)]
     convs = [n for n in sensitive if n.target is aten.convolution.default]
     if not convs or any(n.op == "get_attr" or n.op == "call_module" for n in gm.graph.nodes):
@@ -81,22 +83,49 @@ def channels_last(gm: fx.GraphModule, cache_dir: str | None, budget: Any, hw: An
     times = [layout_times(n, cache_dir, budget, hw) for n in sensitive]
     if any(t is None for t in times):
         return gm, {"layout": "nchw (not measured)"}
-    nchw, cl = sum(t["nchw"] for t in times), sum(t["channels_last"] for t in times)
-    info = {"layout": "channels_last" if cl < MEASURED_GAIN * nchw else "nchw",
-            "measured_ms": {"nchw": round(nchw * 1e3, 3), "channels_last": round(cl * 1e3, 3)},
-            "ops": len(sensitive)}
-    if info["layout"] == "nchw":
-        return gm, info
     out = fx.GraphModule(gm, _copy(gm.graph))
     _convert_weights(out.graph, {n.name for n in convs})
     _propagate(out)
-    info["pointwise_nhwc"] = _wrap_pointwise(out.graph)
+    wrapped = _wrap_pointwise(out.graph)
     _contiguous_outputs(out.graph)
     out.graph.eliminate_dead_code()     # the NCHW views of values only wrapped ops read
     _propagate(out)
+    weights = set(channels_last_weights(out))
+    borders = [conversion_time(n, cache_dir, budget) for n in out.graph.nodes
+               if n.target is aten.contiguous.default and not (n.args[0].op == "placeholder" and n.args[0].name in weights)]
+    if any(t is None for t in borders):
+        return gm, {"layout": "nchw (not measured)"}
+    nchw = sum(t["nchw"] for t in times)
+    cl = sum(t["channels_last"] for t in times) + sum(borders)
+    info = {"layout": "channels_last" if cl < MEASURED_GAIN * nchw else "nchw",
+            "measured_ms": {"nchw": round(nchw * 1e3, 3), "channels_last": round(cl * 1e3, 3)},
+            "ops": len(sensitive), "conversions": len(borders)}
+    if info["layout"] == "nchw":
+        return gm, info
+    info["pointwise_nhwc"] = wrapped
     out.graph.lint()
     out.recompile()
     return out, info
+
+
+def conversion_time(n: fx.Node, cache_dir: str | None, budget: Any) -> float | None:
+    """Seconds of one layout-converting copy (`contiguous` of a 4-D value to channels-last or back to NCHW)
+    at its shape, measured or from the tuning cache; None without a budget."""
+    from fusion.costmodel import tuning
+
+    v = tval(n.args[0])
+    to_cl = n.kwargs.get("memory_format") is CL
+    shape = tuple(v.shape)
+    key = f"convert fp32 {list(shape)} to={'channels_last' if to_cl else 'nchw'}"
+
+    def make() -> dict[str, Any]:
+        x = torch.randn(shape) if to_cl else torch.randn(shape).contiguous(memory_format=CL)
+        return {"copy": (lambda: x.contiguous(memory_format=CL)) if to_cl else x.contiguous}
+
+    if 8 * _numel(shape) > tuning.MAX_MEASURE_BYTES:
+        return 2 * 8 * _numel(shape) / 5e9     # beyond the measuring cap: a transposing copy at ~5 GB/s
+    t = tuning.fastest("layout", key, make, cache_dir, budget, 2 * (tuning.ROUNDS + 1) * (8 * _numel(shape) / 5e9 + 2e-5))
+    return None if t is None else t["copy"]
 
 
 def channels_last_weights(gm: fx.GraphModule) -> list[str]:
@@ -104,7 +133,8 @@ def channels_last_weights(gm: fx.GraphModule) -> list[str]:
     return [n.args[0].name for n in gm.graph.nodes
             if n.op == "call_function" and n.target is aten.contiguous.default
             and n.kwargs.get("memory_format") is CL and isinstance(n.args[0], fx.Node)
-            and n.args[0].op == "placeholder"]
+            and n.args[0].op == "placeholder"
+            and all(u.target is aten.convolution.default and u.args[1] is n for u in n.users)]
 
 
 def to_channels_last_(tensors: list[torch.Tensor]) -> int:
@@ -232,19 +262,24 @@ def _wrap_pointwise(graph: fx.Graph) -> int:
     back_of: dict[fx.Node, fx.Node] = {}      # a permute back to NCHW -> the NHWC value it views
     count = 0
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target not in POINTWISE or not _nhwc_dense(tval(n)):
+        out = tval(n)
+        if n.op != "call_function" or n.target not in POINTWISE or out is None or out.dim() != 4 \
+                or any(isinstance(v, fx.Node) for v in n.kwargs.values()):
             continue
-        if any(isinstance(v, fx.Node) for v in n.kwargs.values()):
-            continue
-        shape = list(tval(n).shape)
+        shape = list(out.shape)
         operands = [a for a in n.args if isinstance(a, fx.Node)]
+        # channels-last out, or a channels-last full-size operand (an NCHW one first in the op's
+        # arguments makes ATen's output NCHW: a residual add of the block's input)
+        if not (_nhwc_dense(out) or any(_nhwc_dense(tval(a)) and list(tval(a).shape) == shape for a in operands)):
+            continue
         if not all(_broadcasts(tval(a), shape) for a in operands):
             continue
         with graph.inserting_before(n):
             args = tuple(_as_nhwc(graph, a, back_of) if isinstance(a, fx.Node) else a for a in n.args)
             new = graph.call_function(n.target, args, dict(n.kwargs))
             back = graph.call_function(aten.permute.default, (new, TO_NCHW))
-        new.meta["val"], back.meta["val"] = tval(n).permute(TO_NHWC), tval(n)   # its users may be wrapped next
+        cl = out.contiguous(memory_format=CL)                 # its users may be wrapped next
+        new.meta["val"], back.meta["val"] = cl.permute(TO_NHWC), cl
         back_of[back] = new
         n.replace_all_uses_with(back)
         graph.erase_node(n)
@@ -267,6 +302,17 @@ def _as_nhwc(graph: fx.Graph, a: fx.Node, back_of: dict[fx.Node, fx.Node]) -> fx
     v = tval(a)
     if v.dim() == 0:
         return a
+    if v.dim() == 4 and not _nhwc_dense(v) and sum(d != 1 for d in v.shape[1:]) > 1:
+        # NCHW data meeting channels-last data (e.g. a block's input as its residual): one channels-last
+        # copy, shared by every wrapped op that reads it, so the kernels still read contiguous operands
+        at = a if a.op != "placeholder" else [p for p in graph.nodes if p.op == "placeholder"][-1]
+        with graph.inserting_after(at):
+            dense = graph.call_function(aten.contiguous.default, (a,), {"memory_format": CL})
+        dense.meta["val"] = v = v.contiguous(memory_format=CL)
+        out = graph.call_function(aten.permute.default, (dense, TO_NHWC))
+        out.meta["val"] = v.permute(TO_NHWC)
+        back_of[a] = out
+        return out
     full = [1] * (4 - v.dim()) + list(v.shape)
     nhwc = [full[i] for i in TO_NHWC]
     if v.dim() < 4 and sum(d != 1 for d in full) <= 1:      # e.g. a per-channel [C, 1, 1]: one view
