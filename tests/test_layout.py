@@ -214,5 +214,5 @@ def test_border_copies_count_against_channels_last(tmp_path, monkeypatch):
     with torch.no_grad():
         opt = fusion.optimize(m, (x,), config=fusion.Config(cache_dir=str(tmp_path)))
     info = opt.graphs[0].log.layout
-    assert info["layout"] == "nchw" and info["conversions"] >= 2, info
+    assert info["layout"] == "nchw" and info["conversions"] >= 1, info
     assert all(w.is_contiguous() for w in _conv_weights(m))
