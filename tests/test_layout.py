@@ -58,6 +58,15 @@ def _markers(gm):
     return layout.channels_last_weights(gm)
 
 
+def _weights_channels_last(m) -> bool:
+    return all(w.is_contiguous(memory_format=CL) for w in _conv_weights(m))
+
+
+def _close(out, ref, assert_close) -> None:
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+
+
 def test_channels_last_when_it_measures_faster(tmp_path, monkeypatch, assert_close):
     faked(monkeypatch, "channels_last")
     m, x = _model()
@@ -69,15 +78,13 @@ def test_channels_last_when_it_measures_faster(tmp_path, monkeypatch, assert_clo
     info = opt.graphs[0].log.layout
     assert info["layout"] == "channels_last" and info["ops"] == 4 and info["pointwise_nhwc"] > 0, info
     assert len(_markers(opt.graphs[0].gm)) == 3
-    for a, b in zip(out, ref):
-        assert_close(a, b)
-        assert a.is_contiguous()                   # the program returns what eager returns
+    _close(out, ref, assert_close)
+    assert all(a.is_contiguous() for a in out)     # the program returns what eager returns
     # the weights were converted in place: new storage, same values, and the module still runs eagerly
-    assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(m))
+    assert _weights_channels_last(m)
     assert all(w.data_ptr() != p for w, p in zip(_conv_weights(m), ptrs))
     with torch.no_grad():
-        for a, b in zip(m(x), ref):
-            assert_close(a, b)
+        _close(m(x), ref, assert_close)
     # the pointwise ops between the convolutions run on NHWC views: no kernel operand is copied to NCHW
     permutes = [n for n in opt.graphs[0].gm.graph.nodes if n.target is aten.permute.default]
     assert permutes and all(n.args[1] in (layout.TO_NHWC, layout.TO_NCHW) for n in permutes)
@@ -92,8 +99,7 @@ def test_nchw_when_it_measures_faster(tmp_path, monkeypatch, assert_close):
         out = opt(x)
     assert opt.graphs[0].log.layout["layout"] == "nchw" and not _markers(opt.graphs[0].gm)
     assert all(w.is_contiguous() for w in _conv_weights(m))
-    for a, b in zip(out, ref):
-        assert_close(a, b)
+    _close(out, ref, assert_close)
 
 
 def test_the_decision_reads_the_tuning_record_of_this_cpu(tmp_path, monkeypatch):
@@ -140,9 +146,8 @@ def test_structural_cache_hit_converts_the_new_modules_weights(tmp_path, monkeyp
         opt = fusion.optimize(other, (x,), config=cfg)
         assert opt.capture_method == "structural cache"
         out = opt(x)
-    assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(other))
-    for a, b in zip(out, ref):
-        assert_close(a, b)
+    assert _weights_channels_last(other)
+    _close(out, ref, assert_close)
 
 
 def test_torch_compile_converts_after_its_first_call(tmp_path, monkeypatch, assert_close):
@@ -152,10 +157,9 @@ def test_torch_compile_converts_after_its_first_call(tmp_path, monkeypatch, asse
         ref = m(x)
         c = torch.compile(m, backend="fusion", options={"cache_dir": str(tmp_path)})
         outs = [c(x) for _ in range(3)]                # the second call retraces once on the new strides
-    assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(m))
+    assert _weights_channels_last(m)
     for out in outs:
-        for a, b in zip(out, ref):
-            assert_close(a, b)
+        _close(out, ref, assert_close)
 
 
 def test_training_keeps_nchw_and_gradients(tmp_path, monkeypatch):
@@ -180,8 +184,7 @@ def test_symbolic_shapes_keep_the_layout(tmp_path, monkeypatch, assert_close):
         c = torch.compile(m, backend="fusion", dynamic=True, options={"cache_dir": str(tmp_path)})
         out = c(x)
     assert all(w.is_contiguous() for w in _conv_weights(m))
-    for a, b in zip(out, ref):
-        assert_close(a, b)
+    _close(out, ref, assert_close)
 
 
 def test_a_saved_channels_last_program_loads_and_runs(tmp_path, monkeypatch, assert_close):
@@ -193,8 +196,7 @@ def test_a_saved_channels_last_program_loads_and_runs(tmp_path, monkeypatch, ass
         opt.save(tmp_path / "prog")
         loaded = fusion.load(tmp_path / "prog", config=fusion.Config(cache_dir=str(tmp_path / "c")))
         out = loaded(x)
-    for a, b in zip(out, ref):
-        assert_close(a, b)
+    _close(out, ref, assert_close)
 
 
 def test_explain_says_which_layout_and_why(tmp_path, monkeypatch):

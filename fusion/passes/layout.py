@@ -3,10 +3,10 @@
 oneDNN's fp32 convolutions run NHWC (channels-last) data on other code paths than NCHW data, and which is
 faster depends on the CPU and the shapes: on a Zen 4 a ResNet-18 at batch 8 runs ~9 % faster end to end
 with channels-last weights (its 7x7 stem most of all), while at some deep 3x3 shapes NCHW wins. So each
-2-D convolution of an inference graph is timed both ways on fresh operands of its own shapes (the tuning
-cache of this CPU: fusion/costmodel/tuning.py) and the graph goes channels-last when the sum over its
-convolutions measured at most MEASURED_GAIN of the NCHW sum (one layout for the graph: a layout change
-between two convolutions costs a transposing copy). Without a measurement (Config(tune=False), the budget
+2-D convolution and pool of an inference graph is timed both ways on fresh operands of its own shapes (the
+tuning cache of this CPU: fusion/costmodel/tuning.py), as is each copy the channels-last program needs at its
+borders, and the graph goes channels-last when that sum measured below MEASURED_GAIN of the NCHW sum (one
+layout for the graph: a layout change between two convolutions costs a transposing copy). Without a measurement (Config(tune=False), the budget
 spent, symbolic sizes) the graph stays as it was. Channels-last means:
 
     convolution(x, w, ...)   ->  convolution(x, contiguous(w, memory_format=channels_last), ...)
@@ -45,7 +45,7 @@ def layout_times(n: fx.Node, cache_dir: str | None, budget: Any, hw: Any = None)
     from fusion.costmodel import tuning
 
     x = n.args[0]
-    xs, os_ = tuple(tval(x).shape), tuple(tval_0(n).shape)
+    xs, os_ = tuple(tval(x).shape), tuple(_first_val(n).shape)
     from_input = isinstance(x, fx.Node) and x.op == "placeholder"
     batch = xs[0]
     while batch > 1 and 4 * (_numel(xs) + _numel(os_)) * batch // xs[0] > tuning.MAX_MEASURE_BYTES:
@@ -84,15 +84,14 @@ def channels_last(gm: fx.GraphModule, cache_dir: str | None, budget: Any, hw: An
     if any(t is None for t in times):
         return gm, {"layout": "nchw (not measured)"}
     out = fx.GraphModule(gm, _copy(gm.graph))
-    _convert_weights(out.graph, {n.name for n in convs})
+    markers = _convert_weights(out.graph, {n.name for n in convs})
     _propagate(out)
     wrapped = _wrap_pointwise(out.graph)
     _contiguous_outputs(out.graph)
     out.graph.eliminate_dead_code()     # the NCHW views of values only wrapped ops read
     _propagate(out)
-    weights = set(channels_last_weights(out))
     borders = [conversion_time(n, cache_dir, budget) for n in out.graph.nodes
-               if n.target is aten.contiguous.default and not (n.args[0].op == "placeholder" and n.args[0].name in weights)]
+               if n.target is aten.contiguous.default and n not in markers]
     if any(t is None for t in borders):
         return gm, {"layout": "nchw (not measured)"}
     nchw = sum(t["nchw"] for t in times)
@@ -122,9 +121,10 @@ def conversion_time(n: fx.Node, cache_dir: str | None, budget: Any) -> float | N
         x = torch.randn(shape) if to_cl else torch.randn(shape).contiguous(memory_format=CL)
         return {"copy": (lambda: x.contiguous(memory_format=CL)) if to_cl else x.contiguous}
 
+    guess = 8 * _numel(shape) / 5e9            # read + write at ~5 GB/s, a transposing copy here
     if 8 * _numel(shape) > tuning.MAX_MEASURE_BYTES:
-        return 2 * 8 * _numel(shape) / 5e9     # beyond the measuring cap: a transposing copy at ~5 GB/s
-    t = tuning.fastest("layout", key, make, cache_dir, budget, 2 * (tuning.ROUNDS + 1) * (8 * _numel(shape) / 5e9 + 2e-5))
+        return 2 * guess                       # beyond the measuring cap (the guess, doubled)
+    t = tuning.fastest("layout", key, make, cache_dir, budget, 2 * (tuning.ROUNDS + 1) * (guess + 2e-5))
     return None if t is None else t["copy"]
 
 
@@ -179,7 +179,7 @@ def _name(n: fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target))
 
 
-def tval_0(n: fx.Node) -> Any:
+def _first_val(n: fx.Node) -> Any:
     """The first output's value of a node returning a tuple (max_pool2d_with_indices: values, indices)."""
     v = n.meta.get("val")
     return v[0] if isinstance(v, (tuple, list)) else v
@@ -201,7 +201,8 @@ def _copy(graph: fx.Graph) -> fx.Graph:
     return g
 
 
-def _convert_weights(graph: fx.Graph, conv_names: set[str]) -> None:
+def _convert_weights(graph: fx.Graph, conv_names: set[str]) -> set[fx.Node]:
+    """Each named convolution reads its weight through one `contiguous(w, channels_last)`; those nodes."""
     first = next(n for n in graph.nodes if n.op != "placeholder")
     made: dict[fx.Node, fx.Node] = {}
     for n in list(graph.nodes):
@@ -212,6 +213,7 @@ def _convert_weights(graph: fx.Graph, conv_names: set[str]) -> None:
             with graph.inserting_before(first):
                 made[w] = graph.call_function(aten.contiguous.default, (w,), {"memory_format": CL})
         n.args = (n.args[0], made[w], *n.args[2:])
+    return set(made.values())
 
 
 def _propagate(gm: fx.GraphModule) -> None:
